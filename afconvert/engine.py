@@ -1,0 +1,193 @@
+"""The converter: trace, infer layouts, match rules, swap modules, and judge the result.
+
+Modules are swapped in a copy of the source model (it keeps its class, ``forward_features``,
+``pretrained_cfg`` and state_dict keys); the traced graph is used to see every node, its
+layout and whether it reads the image, never returned in place of the model.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .layout import Layout, infer_layouts
+from .recipes import Recipe, all_rules, load_recipe
+from .report import Finding, NotAliasFreeError, Report
+from .rule import Judgement, Rule, Site, Verdict
+from .shift_check import shift_check
+from .tracing import trace
+
+__all__ = ["convert", "audit", "DEFAULT_PROBE_SIZE"]
+
+DEFAULT_PROBE_SIZE = (64, 64)
+
+
+@dataclass
+class _RuleIndex:
+    rules: list[Rule]
+
+    def __post_init__(self):
+        self.by_type: dict[type, Rule] = {}
+        self.by_callable: dict[int, Rule] = {}
+        self.by_method: dict[str, Rule] = {}
+        for rule in self.rules:
+            for t in rule.targets:
+                if isinstance(t, type):
+                    self.by_type[t] = rule
+                elif isinstance(t, str):
+                    self.by_method[t] = rule
+                else:
+                    self.by_callable[id(t)] = rule
+
+    @property
+    def module_types(self) -> set[type]:
+        return set(self.by_type)
+
+    def match(self, site: Site) -> Rule | None:
+        n = site.node
+        if n.op == "call_module":
+            return self.by_type.get(type(site.module))
+        if n.op == "call_method":
+            return self.by_method.get(n.target)
+        if n.op == "call_function":
+            return self.by_callable.get(id(n.target))
+        return None
+
+
+def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    sites = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        flat: list = []
+        fx.node.map_arg((n.args, n.kwargs), flat.append)
+        inputs = [layouts.get(a.name) if isinstance(layouts.get(a.name), Layout) else None for a in flat]
+        out = layouts.get(n.name)
+        sites.append(Site(node=n, module=gm.get_submodule(n.target) if n.op == "call_module" else None,
+                          inputs=inputs, output=out if isinstance(out, Layout) else None,
+                          reads_input=any(a in placeholders for a in flat),
+                          calls=calls.get(n.target, 1) if n.op == "call_module" else 1))
+    return sites
+
+
+def _judge(site: Site, rule: Rule | None, recipe: Recipe | None) -> Judgement:
+    if rule is not None:
+        return rule.judge(site, recipe.for_family(rule.family) if recipe else {})
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant tensors only")
+    return Judgement(Verdict.UNKNOWN, f"no rule knows '{site.op}' on a spatial map")
+
+
+def _analyse(model: nn.Module, input_size: Sequence[int], in_chans: int, leaf_modules: Iterable[type],
+             index: _RuleIndex) -> list[Site]:
+    gm = trace(model, leaf_types=index.module_types | set(leaf_modules))
+    layouts = infer_layouts(gm, tuple(input_size), in_chans)
+    return _sites(gm, layouts)
+
+
+def _in_chans(model: nn.Module, in_chans: int | None) -> int:
+    if in_chans:
+        return in_chans
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _findings(sites: list[Site], index: _RuleIndex, recipe: Recipe | None) -> list[Finding]:
+    return [Finding(node=s.name, op=s.op, verdict=(j := _judge(s, index.match(s), recipe)).verdict,
+                    reason=j.reason, spatial=s.spatial) for s in sites]
+
+
+def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: int | None = None,
+          check: bool = True, leaf_modules: Iterable[type] = (), shifts=None, dtype=torch.float32) -> Report:
+    """Judge every node of ``model``: exactly alias-free, approximately, not, or unknown.
+
+    With ``check``, the verdict is backed by an empirical shift check of the logits.
+    """
+    input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
+    in_chans = _in_chans(model, in_chans)
+    index = _RuleIndex(all_rules())
+    was_training = model.training
+    model.eval()
+    try:
+        sites = _analyse(model, input_size, in_chans, leaf_modules, index)
+    finally:
+        model.train(was_training)
+    info = getattr(model, "afconvert_info", {}) or {}
+    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, None))
+    if check:
+        kwargs = {"shifts": shifts} if shifts else {}
+        report.check = shift_check({"model": model}, input_size, in_chans, dtype=dtype, **kwargs)
+    return report
+
+
+def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence[int] | None = None,
+            strict: bool = False, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
+            options: dict | None = None) -> nn.Module:
+    """Return an alias-free copy of ``model`` (same class, same state_dict keys for kept weights).
+
+    ``recipe``: a shipped recipe name (``afc``, ``afc-paper``) or a path to a TOML recipe;
+    ``options``: per-family overrides, e.g. ``{"activation": {"degree": 3}}``. ``input_size``:
+    an (H, W) the model runs at, for layout inference (default 64x64). The per-layer report is
+    ``result.afconvert_report``; ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
+    that are not exactly alias-free.
+    """
+    rec = load_recipe(recipe, options)
+    input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
+    in_chans = _in_chans(model, in_chans)
+    index = _RuleIndex(all_rules())
+    out = copy.deepcopy(model)
+    was_training = out.training
+    out.eval()
+    sites = _analyse(out, input_size, in_chans, leaf_modules, index)
+    before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
+
+    swaps: dict[str, list[nn.Module]] = {}
+    for site in sites:
+        rule = index.match(site)
+        if rule is None or rule.convert is None or site.module is None:
+            continue
+        new = rule.convert(site, rec.for_family(rule.family))
+        if new is not None:
+            swaps.setdefault(site.node.target, []).append(new)
+    notes, swapped = [], set()
+    for name, news in swaps.items():
+        if len({repr(m) for m in news}) > 1:
+            notes.append(f"'{name}' is one module called at {len(news)} places with different layouts: not converted "
+                         f"(give each call its own module)")
+            continue
+        out.set_submodule(name, news[0])
+        swapped.add(name)
+
+    out.train(was_training)
+    out.afconvert_info = {"recipe": rec.name, "options": rec.options, "input_size": list(input_size),
+                          "in_chans": in_chans}
+    report = audit(out, input_size, in_chans, check=False, leaf_modules=leaf_modules)
+    report.recipe = rec.name
+    report.notes.extend(notes)
+    src_before = {s.name: before[id(s.node)] for s in sites}
+    for f in report.findings:
+        if f.node in swapped:
+            f.op = type(model.get_submodule(f.node)).__name__
+            f.replaced_by = type(out.get_submodule(f.node)).__name__
+            f.before = src_before[f.node].verdict
+    out.afconvert_report = report
+    if strict and report.offenders:
+        raise NotAliasFreeError(f"strict: {len(report.offenders)} node(s) not exactly alias-free: "
+                                + report.verdict_text)
+    return out

@@ -1,0 +1,173 @@
+"""Polynomial activations, and their alias-free form.
+
+A degree-d polynomial of a signal band-limited to |k| < N/2 is band-limited to |k| < dN/2.
+Evaluated on the signal ideally up-sampled by u >= (d+1)/2, its harmonics above the original
+band fold back only above N/2, where the ideal low-pass that returns to the original rate
+removes them: the activation then commutes with every (fractional) circular shift.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .spectral import ideal_lowpass, ideal_resample, ideal_upsample
+
+__all__ = [
+    "PolyActivation",
+    "AliasFreePolyActivation",
+    "LowpassPolyActivation",
+    "ResidualActivation",
+    "fit_polynomial",
+    "upsampling_factor",
+]
+
+
+def upsampling_factor(degree: int) -> int:
+    """The least integer u with u >= (degree + 1) / 2: enough rate for x**degree to not alias."""
+    return max(1, math.ceil((degree + 1) / 2))
+
+
+def fit_polynomial(fn: Callable[[torch.Tensor], torch.Tensor], degree: int = 2,
+                   input_range: tuple[float, float] = (-3.0, 3.0), samples: torch.Tensor | None = None,
+                   points: int = 2001) -> list[float]:
+    """Least-squares coefficients a_0..a_d of sum_k a_k x^k ~ fn(x).
+
+    Over ``points`` uniform points of ``input_range``, or over ``samples`` (e.g. measured
+    pre-activations) when given. Solved in float64; returns plain floats.
+    """
+    if samples is None:
+        x = torch.linspace(*input_range, points, dtype=torch.float64)
+    else:
+        x = samples.detach().to(torch.float64).flatten()
+    y = fn(x.clone()).to(torch.float64)
+    vander = torch.stack([x ** k for k in range(degree + 1)], dim=1)
+    sol = torch.linalg.lstsq(vander, y.unsqueeze(1)).solution.squeeze(1)
+    return [float(v) for v in sol]
+
+
+def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[channel_dim] = v.numel()
+    return v.reshape(shape)
+
+
+class PolyActivation(nn.Module):
+    """Per-channel polynomial f_c(x) = s_out * sum_k coef[c, k] (s_in x)^k (pointwise).
+
+    ``coef``: (C, degree + 1). ``in_scale``/``out_scale``: the paper's input/output scales
+    (shape (1,), trainable with ``train_scale``). ``channel_dim``: where C sits in the input
+    (1 for NCHW, -1 for channels-last). Any input shape with C at ``channel_dim``.
+    """
+
+    def __init__(self, channels: int, degree: int = 2, coef: Sequence[float] | torch.Tensor | None = None,
+                 in_scale: float = 1.0, out_scale: float = 1.0, train_scale: bool = False, channel_dim: int = 1):
+        super().__init__()
+        if degree < 1:
+            raise ValueError(f"polynomial degree must be >= 1, got {degree}")
+        self.channels, self.degree, self.channel_dim = channels, degree, channel_dim
+        if coef is None:
+            coef = [0.0] * (degree + 1)
+            coef[1] = 1.0
+        coef = torch.as_tensor(coef, dtype=torch.float32)
+        if coef.ndim == 1:
+            coef = coef.expand(channels, degree + 1)
+        if coef.shape != (channels, degree + 1):
+            raise ValueError(f"coef must have shape ({channels}, {degree + 1}), got {tuple(coef.shape)}")
+        self.coef = nn.Parameter(coef.clone())
+        scales = {"in_scale": in_scale, "out_scale": out_scale}
+        for name, value in scales.items():
+            t = torch.tensor([float(value)])
+            if train_scale:
+                setattr(self, name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+
+    @classmethod
+    def fitted(cls, fn: Callable, channels: int, degree: int = 2, input_range=(-3.0, 3.0),
+               in_scale: float = 1.0, out_scale: float = 1.0, **kwargs) -> "PolyActivation":
+        """A polynomial initialised to the least-squares fit of ``fn`` (see ``fit_polynomial``).
+
+        The stored coefficients absorb the scales: coef_k = a_k / (s_out s_in^k)."""
+        a = fit_polynomial(fn, degree, input_range)
+        coef = [a_k / (out_scale * in_scale ** k) for k, a_k in enumerate(a)]
+        return cls(channels, degree, coef, in_scale=in_scale, out_scale=out_scale, **kwargs)
+
+    def polynomial(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self.in_scale.to(x.dtype)
+        coef = self.coef.to(x.dtype)
+        res = _channel_view(coef[:, self.degree], x.ndim, self.channel_dim)
+        for k in range(self.degree - 1, -1, -1):  # Horner
+            res = res * z + _channel_view(coef[:, k], x.ndim, self.channel_dim)
+        return res * self.out_scale.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.polynomial(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, degree={self.degree}, channel_dim={self.channel_dim}"
+
+
+class AliasFreePolyActivation(PolyActivation):
+    """PolyActivation evaluated alias-free: y = D(f(U_u x)), U_u ideal up-sampling by
+    u = ceil((degree+1)/2) and D the ideal low-pass and return to the input size.
+
+    ``spatial_dims``: the two dims of the input that are H and W (e.g. (2, 3) for NCHW,
+    (1, 2) for channels-last NHWC).
+    """
+
+    def __init__(self, *args, spatial_dims: Sequence[int] = (2, 3), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spatial_dims = tuple(spatial_dims)
+
+    @property
+    def up(self) -> int:
+        return upsampling_factor(self.degree)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [x.shape[d] for d in self.spatial_dims]
+        y = self.polynomial(ideal_upsample(x, self.up, self.spatial_dims))
+        return ideal_resample(y, size, self.spatial_dims)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", spatial_dims={self.spatial_dims}, up={self.up}"
+
+
+class LowpassPolyActivation(PolyActivation):
+    """The paper's stem activation: f(x) = s_out (c0 + c1 z + c2 z L_c(z)), z = s_in x.
+
+    L_c is an ideal low-pass keeping |k| < c N/2. The product's band reaches (1 + c) N/2, so its
+    aliases fold down to no lower than (1 - c) N/2: alias-free only when a down-sampling whose
+    band is below that follows (the paper's stem: c = 0.75, then stride 4, band N/8).
+    Degree 2 only; NCHW.
+    """
+
+    def __init__(self, channels: int, cutoff: float = 0.75, **kwargs):
+        kwargs.setdefault("degree", 2)
+        super().__init__(channels, **kwargs)
+        if self.degree != 2:
+            raise ValueError("LowpassPolyActivation is degree 2")
+        self.cutoff = cutoff
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self.in_scale.to(x.dtype)
+        c = self.coef.to(x.dtype)
+        view = lambda k: _channel_view(c[:, k], x.ndim, self.channel_dim)  # noqa: E731
+        return (view(0) + view(1) * z + view(2) * z * ideal_lowpass(z, self.cutoff)) * self.out_scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", cutoff={self.cutoff}"
+
+
+class ResidualActivation(nn.Module):
+    """y = x + gamma * act(x), gamma a learned scalar initialised to 0 (identity at conversion)."""
+
+    def __init__(self, act: nn.Module, gamma: float = 0.0):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.tensor([float(gamma)]))
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma.to(x.dtype) * self.act(x)

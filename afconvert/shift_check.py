@@ -1,0 +1,55 @@
+"""Empirical shift check: how much do the logits move under integer and fractional circular shifts?"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .spectral import fractional_shift, zero_nyquist
+
+__all__ = ["DEFAULT_SHIFTS", "relative_logit_change", "shift_check", "random_input"]
+
+DEFAULT_SHIFTS: tuple[tuple[float, float], ...] = ((1, 0), (0, 1), (3, -2), (0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75))
+
+
+def random_input(batch: int, chans: int, size: Sequence[int], dtype=torch.float32, seed: int = 0,
+                 device="cpu") -> torch.Tensor:
+    """Gaussian noise with its Nyquist bins removed (the only part without a unique sub-pixel shift)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, chans, *size, generator=g, dtype=torch.float64)
+    return zero_nyquist(x).to(device=device, dtype=dtype)
+
+
+def _label(shift: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{s:g}" if float(s).is_integer() or len(f"{s:g}") < 6 else f"{s:.3f}" for s in shift) + ")"
+
+
+@torch.no_grad()
+def relative_logit_change(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS
+                          ) -> dict[str, float]:
+    """max |f(shift(x)) - f(x)| / max |f(x)| for each shift (band-limited, circular)."""
+    y0 = model(x)
+    scale = y0.abs().max().clamp_min(torch.finfo(y0.dtype).tiny)
+    return {_label(s): float((model(fractional_shift(x, *s)) - y0).abs().max() / scale) for s in shifts}
+
+
+def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chans: int = 3,
+                shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS, dtype=torch.float32, batch: int = 2,
+                seed: int = 0) -> dict:
+    """The same random input and shifts for each model (e.g. original and converted), side by side."""
+    shifts = list(shifts)
+    out = {"input_size": list(input_size), "dtype": str(dtype).replace("torch.", ""),
+           "shifts": [list(map(float, s)) for s in shifts], "models": {}}
+    for label, model in models.items():
+        was_training = model.training
+        model.eval()
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        own_dtype = p.dtype if p is not None else dtype
+        x = random_input(batch, in_chans, input_size, dtype, seed, device)
+        try:
+            out["models"][label] = relative_logit_change(model.to(dtype), x, shifts)
+        finally:
+            model.to(own_dtype).train(was_training)
+    return out

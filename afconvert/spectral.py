@@ -1,0 +1,212 @@
+"""Ideal (rectangular, FFT-domain) resampling and band-limited shifts.
+
+Every function works on any two dims of a tensor (``dims``, default the last two), on any
+sizes (odd, non-square), and builds its masks per call from the sizes, so nothing here is
+tied to the first shape it sees and nothing enters a ``state_dict``.
+
+Conventions (they match the official AFC code, ``models/ideal_lpf.py``, where that code is
+defined): a periodic signal of length N has bins k = -floor(N/2) .. ceil(N/2) - 1; for even N
+the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 and -N/2.
+
+* Low-pass to a target length n keeps |k| < n/2 and **zeroes** the edge bin |k| = n/2 (even
+  n): the output has an empty Nyquist bin, so its fractional shifts are unique.
+* Up-sampling embeds the spectrum in a longer one and **splits** an even input's Nyquist bin
+  in half between +N/2 and -N/2 (the symmetric, real interpolant).
+* ``fractional_shift`` samples that same symmetric interpolant at n - d: bins |k| < N/2 get
+  the phase exp(-2 pi i k d / N), the Nyquist bin is multiplied by cos(pi d). It is exact and
+  composes (shift(shift(x, a), b) == shift(x, a + b)) for signals whose Nyquist bins are zero;
+  for integer d it equals ``torch.roll``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "ideal_resample",
+    "ideal_downsample",
+    "ideal_upsample",
+    "ideal_lowpass",
+    "fractional_shift",
+    "zero_nyquist",
+]
+
+Dims = Sequence[int]
+
+
+def _norm_dims(x: torch.Tensor, dims: Dims) -> tuple[int, int]:
+    if len(dims) != 2:
+        raise ValueError(f"expected two spatial dims, got {tuple(dims)}")
+    d0, d1 = (d % x.ndim for d in dims)
+    if d0 == d1:
+        raise ValueError(f"spatial dims must differ, got {tuple(dims)}")
+    return d0, d1
+
+
+def _real_dtype(x: torch.Tensor) -> torch.dtype:
+    if not x.is_floating_point():
+        raise TypeError(f"spectral ops need a floating point tensor, got {x.dtype}")
+    # half precision FFTs only exist for powers of two on CUDA: compute in float32
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _crop_or_pad_full(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> torch.Tensor:
+    """Re-size a full (two-sided) spectrum along ``dim`` from n_in to n_out bins.
+
+    Keeps |k| < min(n_in, n_out) / 2; an edge bin |k| = n/2 of the smaller size is zeroed when
+    cropping (n = n_out even) and split in half when padding (n = n_in even)."""
+    if n_out == n_in:
+        return spec
+    n = min(n_in, n_out)
+    pos = (n + 1) // 2          # bins 0 .. pos-1
+    neg = n // 2                # bins -neg .. -1 (includes the edge bin -n/2 when n is even)
+    head = spec.narrow(dim, 0, pos)
+    tail = spec.narrow(dim, n_in - neg, neg) if neg else spec.narrow(dim, 0, 0)
+    if n_out < n_in:
+        if n % 2 == 0 and neg:  # edge bin -n/2 of the output: zero it (low-pass convention)
+            tail = torch.cat([torch.zeros_like(tail.narrow(dim, 0, 1)), tail.narrow(dim, 1, neg - 1)], dim)
+        return torch.cat([head, tail], dim)
+    # padding: split the input's Nyquist bin (-n/2) between +n/2 and -n/2
+    gap = n_out - n
+    if n % 2 == 0 and neg:
+        nyq = tail.narrow(dim, 0, 1) * 0.5
+        zeros = torch.zeros_like(head.narrow(dim, 0, 1)).expand(
+            *[gap - 1 if i == dim else s for i, s in enumerate(head.shape)])
+        return torch.cat([head, nyq, zeros, nyq, tail.narrow(dim, 1, neg - 1)], dim)
+    zeros = torch.zeros_like(head.narrow(dim, 0, 1)).expand(
+        *[gap if i == dim else s for i, s in enumerate(head.shape)])
+    return torch.cat([head, zeros, tail], dim)
+
+
+def _crop_or_pad_half(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> torch.Tensor:
+    """The same for the one-sided (rfft) dim, which holds bins 0 .. n//2."""
+    if n_out == n_in:
+        return spec
+    n = min(n_in, n_out)
+    if n_out < n_in:
+        out = spec.narrow(dim, 0, n_out // 2 + 1)
+        if n_out % 2 == 0:  # output Nyquist bin: zero it
+            out = torch.cat([out.narrow(dim, 0, n_out // 2), torch.zeros_like(out.narrow(dim, 0, 1))], dim)
+        return out
+    keep = spec
+    if n % 2 == 0:  # input Nyquist bin: half of it here, irfft supplies the mirrored half
+        keep = torch.cat([spec.narrow(dim, 0, n // 2), spec.narrow(dim, n // 2, 1) * 0.5], dim)
+    gap = n_out // 2 + 1 - keep.shape[dim]
+    zeros = torch.zeros_like(keep.narrow(dim, 0, 1)).expand(
+        *[gap if i == dim else s for i, s in enumerate(keep.shape)])
+    return torch.cat([keep, zeros], dim)
+
+
+def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Ideal band-limited resampling of a periodic signal to ``size`` (per dim).
+
+    y = irfft2(R(rfft2(x))) * (n0 n1) / (N0 N1), where R crops (keeping |k| < n/2, zeroing the
+    edge) or zero-pads (splitting the Nyquist bin) the spectrum. Shrinking is an ideal low-pass
+    followed by sub-sampling on a grid of spacing N/n (any N, not only multiples of n); growing
+    is ideal interpolation. Shapes: x (..., N0, ..., N1, ...) -> (..., n0, ..., n1, ...).
+    """
+    d0, d1 = _norm_dims(x, dims)
+    n_in = (x.shape[d0], x.shape[d1])
+    n_out = tuple(int(s) for s in size)
+    if min(n_out) < 1:
+        raise ValueError(f"resample size must be positive, got {n_out}")
+    if n_in == n_out:
+        return x
+    dtype = x.dtype
+    spec = torch.fft.rfftn(x.to(_real_dtype(x)), dim=(d0, d1))
+    spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
+    spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
+    y = torch.fft.irfftn(spec, s=n_out, dim=(d0, d1))
+    return (y * (n_out[0] * n_out[1] / (n_in[0] * n_in[1]))).to(dtype)
+
+
+def ideal_downsample(x: torch.Tensor, factor: int | Sequence[int], dims: Dims = (-2, -1),
+                     size: Sequence[int] | None = None) -> torch.Tensor:
+    """Ideal low-pass (cutoff 1/factor) and sub-sampling by ``factor``.
+
+    The output size is ``size`` when given (a strided layer's own output size), else
+    ceil(N / factor). For N divisible by the factor this is exactly low-pass + ``x[::f, ::f]``.
+    """
+    d0, d1 = _norm_dims(x, dims)
+    f = (factor, factor) if isinstance(factor, int) else tuple(factor)
+    if size is None:
+        size = (math.ceil(x.shape[d0] / f[0]), math.ceil(x.shape[d1] / f[1]))
+    return ideal_resample(x, size, (d0, d1))
+
+
+def ideal_upsample(x: torch.Tensor, factor: int | Sequence[int] = 2, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Ideal (sinc) interpolation by an integer factor: (N0, N1) -> (f N0, f N1)."""
+    d0, d1 = _norm_dims(x, dims)
+    f = (factor, factor) if isinstance(factor, int) else tuple(factor)
+    return ideal_resample(x, (x.shape[d0] * f[0], x.shape[d1] * f[1]), (d0, d1))
+
+
+def _lowpass_mask_1d(n: int, cutoff: float, onesided: bool, device, dtype) -> torch.Tensor:
+    """Mask of bins |k| < cutoff * n / 2 (edge bin, when it exists exactly, zeroed)."""
+    k = torch.fft.rfftfreq(n, d=1.0 / n, device=device, dtype=dtype) if onesided else \
+        torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+    return (k.abs() < cutoff * n / 2).to(dtype)
+
+
+def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Ideal low-pass at the same rate: keep bins |k| < cutoff * N / 2 in each dim.
+
+    ``cutoff`` is a fraction of the Nyquist band (1 keeps everything but the Nyquist bin).
+    The official code's ``LPF_RFFT(cutoff)`` keeps |k| <= floor(cutoff N / 2) and zeroes that
+    bin when N % 4 == 0; both agree whenever cutoff * N / 2 is an integer or N % 4 != 0.
+    """
+    d0, d1 = _norm_dims(x, dims)
+    dtype = x.dtype
+    rdt = _real_dtype(x)
+    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
+    m0 = _lowpass_mask_1d(x.shape[d0], cutoff, False, x.device, rdt)
+    m1 = _lowpass_mask_1d(x.shape[d1], cutoff, True, x.device, rdt)
+    shape = [1] * x.ndim
+    shape[d0], shape[d1] = m0.numel(), 1
+    mask = m0.reshape(shape)
+    shape[d0], shape[d1] = 1, m1.numel()
+    mask = mask * m1.reshape(shape)
+    y = torch.fft.irfftn(spec * mask, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
+    return y.to(dtype)
+
+
+def zero_nyquist(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Remove the Nyquist bins (even sizes): the one part of a signal with no unique sub-pixel shift."""
+    return ideal_lowpass(x, 1.0, dims)
+
+
+def _shift_phase_1d(n: int, d: float, onesided: bool, device, dtype) -> torch.Tensor:
+    k = torch.fft.rfftfreq(n, device=device, dtype=dtype) if onesided else \
+        torch.fft.fftfreq(n, device=device, dtype=dtype)
+    k = k * n  # integer bins
+    phase = torch.polar(torch.ones_like(k), -2 * math.pi * k * d / n)
+    if n % 2 == 0:  # Nyquist bin: symmetric convention, real factor cos(pi d)
+        nyq = n // 2 if onesided else n // 2
+        phase[nyq] = math.cos(math.pi * d)
+    return phase
+
+
+def fractional_shift(x: torch.Tensor, dy: float, dx: float, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Band-limited circular shift by any real (dy, dx): y(n) = x_interp(n - d).
+
+    For integer shifts it equals ``torch.roll(x, (dy, dx), dims)``. See the module docstring
+    for the Nyquist-bin convention. Shapes are kept.
+    """
+    d0, d1 = _norm_dims(x, dims)
+    dy, dx = float(dy), float(dx)
+    if dy == int(dy) and dx == int(dx):
+        return torch.roll(x, (int(dy), int(dx)), (d0, d1))
+    dtype = x.dtype
+    rdt = _real_dtype(x)
+    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
+    p0 = _shift_phase_1d(x.shape[d0], dy, False, x.device, rdt)
+    p1 = _shift_phase_1d(x.shape[d1], dx, True, x.device, rdt)
+    shape = [1] * x.ndim
+    shape[d0] = p0.numel()
+    phase = p0.reshape(shape)
+    shape[d0], shape[d1] = 1, p1.numel()
+    phase = phase * p1.reshape(shape)
+    y = torch.fft.irfftn(spec * phase, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
+    return y.to(dtype)

@@ -1,0 +1,57 @@
+"""Normalisations.
+
+* Per-pixel LayerNorm (over channels, at each pixel) divides every pixel by its own standard
+  deviation: a pointwise nonlinearity that aliases. Alias-free form (the paper's "CHW2"): the
+  per-pixel channel mean (linear, pointwise) and one standard deviation per sample over C, H, W
+  (shift-invariant by Parseval): y = w (x - mean_C x) / sqrt(mean_CHW (x - mean_C x)^2 + eps) + b.
+  The weights are kept.
+* BatchNorm at eval is a per-channel affine map (exact); in training its statistics are taken
+  over N, H, W (shift-invariant). GroupNorm's statistics are over (C/G, H, W): invariant. Kept.
+* Any norm of a spatially constant tensor (a head after global pooling) is invariant: kept.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm, LayerNorm2d
+
+from afconvert.norm import AliasFreeLayerNorm
+from afconvert.rule import Judgement, Rule, Site, Verdict
+
+LAYERNORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+
+
+def _normalised_dim(site: Site) -> int | None:
+    """The dim a LayerNorm normalises: 1 for LayerNorm2d (channels first), the last dim otherwise."""
+    if site.x is None:
+        return None
+    return 1 if isinstance(site.module, LayerNorm2d) else len(site.x.shape) - 1
+
+
+def _judge_layernorm(site: Site, options: dict) -> Judgement:
+    if isinstance(site.module, AliasFreeLayerNorm):
+        return Judgement(Verdict.EXACT, "mean over C, variance over C,H,W")
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input: already shift-invariant")
+    return Judgement(Verdict.NOT, "per-pixel normalisation divides by a per-pixel statistic")
+
+
+def _convert_layernorm(site: Site, options: dict) -> nn.Module | None:
+    if not site.spatial or isinstance(site.module, AliasFreeLayerNorm):
+        return None
+    x = site.x
+    if x is None or x.spatial_dims is None or x.channel_dim is None or _normalised_dim(site) != x.channel_dim:
+        return None
+    return AliasFreeLayerNorm.from_layernorm(site.module, x.channel_dim, x.spatial_dims)
+
+
+def _judge_kept(site: Site, options: dict) -> Judgement:
+    return Judgement(Verdict.EXACT, "statistics over whole maps (or per-channel affine at eval): shift-invariant")
+
+
+RULES = [
+    Rule(name="layernorm", family="norm", targets=LAYERNORMS + (AliasFreeLayerNorm,),
+         judge=_judge_layernorm, convert=_convert_layernorm, doc=__doc__),
+    Rule(name="batchnorm", family="norm", targets=(nn.BatchNorm2d, nn.GroupNorm, F.batch_norm, F.group_norm),
+         judge=_judge_kept, doc=__doc__),
+]

@@ -1,0 +1,108 @@
+"""Structural and linear ops: exact when they act on channels and never mix or sample space.
+
+* Sums, differences, concatenation, dropout (identity at eval), layer scale, permutes and
+  reshapes that keep H and W as separate dims: linear and pointwise in space, exact.
+* A product is exact when at most one factor varies over space (a gate, a layer scale); the
+  product of two spatial maps is a quadratic nonlinearity at the input rate: it aliases.
+* Linear layers act pointwise on channels-last maps (exact); on a flattened map (a VGG head)
+  they weigh each position differently: not shift-invariant.
+* A mean over both spatial dims (global average pooling) keeps the DC bin only: exactly
+  invariant. A global max is invariant to integer shifts only.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, SelectAdaptivePool2d
+
+from afconvert.rule import Judgement, Rule, Site, Verdict
+
+EXACT_LINEAR = (operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
+                torch.stack, "add", "sub", "add_", "neg", "contiguous", "clone", "to", "float", "type_as",
+                "chunk", "split", torch.chunk, torch.split, operator.getitem, nn.Identity, nn.Dropout, nn.Dropout2d,
+                DropPath, F.dropout, "__getitem__")
+SHAPE_OPS = ("permute", "reshape", "view", "flatten", "transpose", "squeeze", "unsqueeze", torch.flatten,
+             torch.permute, torch.reshape, torch.transpose, nn.Flatten)
+PRODUCTS = (operator.mul, torch.mul, "mul", "mul_")
+QUOTIENTS = (operator.truediv, torch.div, "div", "div_")
+SPATIAL_MEANS = ("mean", torch.mean, F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d)
+METADATA = ("size", "dim", getattr, "ndim")
+
+
+def _judge_linear_op(site: Site, options: dict) -> Judgement:
+    if site.output is not None and getattr(site.output, "mixed", False) and not _all_mixed_inputs(site):
+        return Judgement(Verdict.NOT, "mixes spatial dims into one (flattens the map)")
+    return Judgement(Verdict.EXACT, "linear, pointwise in space")
+
+
+def _all_mixed_inputs(site: Site) -> bool:
+    lays = [lay for lay in site.inputs if lay is not None and hasattr(lay, "mixed")]
+    return bool(lays) and all(lay.mixed for lay in lays)
+
+
+def _judge_shape(site: Site, options: dict) -> Judgement:
+    out = site.output
+    if out is not None and hasattr(out, "mixed") and out.mixed:
+        return Judgement(Verdict.NOT, "flattens H and W together: later layers see positions, not a map")
+    return Judgement(Verdict.EXACT, "layout change, H and W kept as dims")
+
+
+def _judge_product(site: Site, options: dict) -> Judgement:
+    spatial = [lay for lay in site.inputs if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
+    if len(spatial) <= 1:
+        return Judgement(Verdict.EXACT, "product with a spatially constant factor (gate or scale)")
+    return Judgement(Verdict.NOT, "product of two spatial maps: a quadratic at the input rate aliases")
+
+
+def _judge_quotient(site: Site, options: dict) -> Judgement:
+    divisor = site.inputs[1] if len(site.inputs) > 1 else None
+    if divisor is None or not getattr(divisor, "is_spatial", False):
+        return Judgement(Verdict.EXACT, "division by a spatially constant value")
+    return Judgement(Verdict.NOT, "division by a spatial map: a pointwise nonlinearity")
+
+
+def _judge_mean(site: Site, options: dict) -> Judgement:
+    if site.output is not None and hasattr(site.output, "is_spatial") and not site.output.is_spatial:
+        return Judgement(Verdict.EXACT, "global average over H, W: keeps only the DC bin, invariant")
+    if site.module is not None and isinstance(site.module, nn.AdaptiveAvgPool2d):
+        return Judgement(Verdict.NOT, "adaptive average pooling to a grid > 1x1 sub-samples")
+    return Judgement(Verdict.EXACT, "mean over non-spatial dims: pointwise in space")
+
+
+def _judge_pool_wrapper(site: Site, options: dict) -> Judgement:
+    pool = site.module
+    if pool.pool_type in ("avg", "fast", "fastavg") and site.output is not None and not site.output.is_spatial:
+        return Judgement(Verdict.EXACT, "global average pooling: invariant")
+    return Judgement(Verdict.APPROX if "max" in pool.pool_type else Verdict.NOT,
+                     f"global '{pool.pool_type}' pooling: invariant to integer shifts only")
+
+
+def _judge_linear_layer(site: Site, options: dict) -> Judgement:
+    x = site.x
+    if x is None or not x.is_spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input")
+    if x.mixed:
+        return Judgement(Verdict.NOT, "fully connected over a flattened map: weighs each position differently")
+    if x.roles[-1]:
+        return Judgement(Verdict.NOT, "linear layer acting along a spatial dim")
+    return Judgement(Verdict.EXACT, "pointwise linear map over channels")
+
+
+def _judge_metadata(site: Site, options: dict) -> Judgement:
+    return Judgement(Verdict.EXACT, "reads shapes only")
+
+
+RULES = [
+    Rule(name="linear-op", family="structural", targets=EXACT_LINEAR, judge=_judge_linear_op, doc=__doc__),
+    Rule(name="shape", family="structural", targets=SHAPE_OPS, judge=_judge_shape, doc=__doc__),
+    Rule(name="product", family="structural", targets=PRODUCTS, judge=_judge_product, doc=__doc__),
+    Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient, doc=__doc__),
+    Rule(name="global-mean", family="structural", targets=SPATIAL_MEANS, judge=_judge_mean, doc=__doc__),
+    Rule(name="global-pool", family="structural", targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper,
+         doc=__doc__),
+    Rule(name="linear-layer", family="structural", targets=(nn.Linear,), judge=_judge_linear_layer, doc=__doc__),
+    Rule(name="metadata", family="structural", targets=METADATA, judge=_judge_metadata, doc=__doc__),
+]
