@@ -1,0 +1,1 @@
+"""Key-name maps from third-party checkpoint layouts onto timm models."""

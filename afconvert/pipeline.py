@@ -1,0 +1,77 @@
+"""From a model name (and weights) to a converted model: what the CLI and ``load`` both run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch.nn as nn
+
+from .engine import convert
+from .keymaps import official_afc
+from .recipes import Recipe
+from .models import ModelSourceError, SourceSpec, create_source_model, read_state_dict
+
+__all__ = ["Built", "build", "rebuild"]
+
+
+@dataclass
+class Built:
+    source: nn.Module            # the unconverted model, with its weights
+    converted: nn.Module
+    spec: SourceSpec
+    recipe: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _attach(converted: nn.Module, spec: SourceSpec) -> None:
+    converted.afconvert_info["source"] = spec.to_dict()
+
+
+def build(name: str, weights: str | Path | None = None, pretrained: bool = True, recipe: str = "afc",
+          input_size: Sequence[int] | None = None, options: dict | None = None, **model_kwargs) -> Built:
+    """Create source model ``name`` with its weights and convert it.
+
+    An official AFC checkpoint given as ``weights`` is recognised by its layout: the source is
+    then timm's ConvNeXt of the same depths/dims, converted with ``afc-paper``, and the official
+    weights are loaded into the converted model (strict)."""
+    notes: list[str] = []
+    if weights is not None and Path(weights).suffix != ".safetensors":
+        raw = read_state_dict(weights)
+        sd = official_afc.official_state_dict(raw)
+        if sd is not None:
+            arch = official_afc.architecture(sd)
+            if not name.split(":")[-1].startswith("convnext"):
+                raise ModelSourceError(f"{weights} is an official Alias-Free ConvNeXt checkpoint but the model is "
+                                       f"'{name}'; fix: use a convnext model name (e.g. convnext_tiny)")
+            kwargs = {**arch, **model_kwargs}
+            source, spec = create_source_model("timm:convnext_tiny", pretrained=False, **kwargs)
+            if recipe != "afc-paper":
+                notes.append(f"official AFC checkpoint: recipe '{recipe}' replaced by 'afc-paper' (its configuration)")
+            converted = convert(source, "afc-paper", input_size=input_size, options=options)
+            mapped = official_afc.to_converted_timm(sd)
+            try:
+                converted.load_state_dict(mapped, strict=True)
+            except RuntimeError as exc:
+                raise ModelSourceError(f"official AFC checkpoint {weights} does not fit the paper configuration "
+                                       f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
+                                       ) from exc
+            spec.weights = f"official AFC checkpoint {weights} ('model' entry)"
+            notes.append(f"official AFC checkpoint recognised: depths {arch['depths']}, dims {arch['dims']}, "
+                         f"{arch['num_classes']} classes")
+            _attach(converted, spec)
+            return Built(source, converted, spec, "afc-paper", notes)
+    source, spec = create_source_model(name, weights=weights, pretrained=pretrained, **model_kwargs)
+    if spec.name != name.split(":")[-1]:
+        notes.append(f"'{name}' built as timm '{spec.name}' ({spec.weights})")
+    converted = convert(source, recipe, input_size=input_size, options=options)
+    _attach(converted, spec)
+    return Built(source, converted, spec, recipe, notes)
+
+
+def rebuild(spec: SourceSpec, recipe: "str | Recipe", input_size: Sequence[int]) -> nn.Module:
+    """The converted architecture of a saved model, with conversion-time weights (to be overwritten)."""
+    source, _ = create_source_model(f"{spec.library}:{spec.name}", pretrained=False, **spec.kwargs)
+    converted = convert(source, recipe, input_size=input_size)
+    _attach(converted, spec)
+    return converted
