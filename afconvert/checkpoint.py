@@ -46,10 +46,10 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def _versions() -> dict:
     from . import __version__
-    out = {"afconvert": __version__, "torch": torch.__version__}
+    out = {"afconvert": __version__, "torch": str(torch.__version__)}
     try:
         import timm
-        out["timm"] = timm.__version__
+        out["timm"] = str(timm.__version__)
     except ImportError:
         pass
     return out

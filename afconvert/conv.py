@@ -93,17 +93,22 @@ class AliasFreeConv2d(CircularConv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, pad: Sequence[int] | None = None, pre_down: nn.Module | None = None,
-                  input_filter: bool = False) -> "AliasFreeConv2d":
+                  input_filter: bool = False, same_size: bool = False) -> "AliasFreeConv2d":
+        """``same_size``: the source pads dynamically (TF 'same'), its output is ceil(N / s)."""
         new = super().from_conv(conv, pad)
         new.down = tuple(conv.stride)
         new.source_padding = tuple(conv.padding) if not isinstance(conv.padding, str) else (0, 0)
+        new.same_size = same_size or conv.padding == "same"
         new.input_filter = input_filter
         if pre_down is not None:
             new.pre_down = pre_down
         return new
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The source layer's output size: nn.Conv2d's formula, or ceil(N / s) for 'same' padding."""
         k, d, p, s = self.kernel_size, self.dilation, self.source_padding, self.down
+        if self.same_size:
+            return (-(-h // s[0]), -(-w // s[1]))
         return (max(1, conv_output_size(h, k[0], s[0], p[0], d[0])),
                 max(1, conv_output_size(w, k[1], s[1], p[1], d[1])))
 
@@ -136,6 +141,16 @@ def _symmetric_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     top = reach_h // 2 if ph is None else min(ph, reach_h)
     left = reach_w // 2 if pw is None else min(pw, reach_w)
     return (left, reach_w - left, top, reach_h - top)
+
+
+def tf_same_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """TF 'same' alignment for a strided conv on a size divisible by its stride: of the total
+    padding d(k-1) + 1 - s, half (rounded down) on the left; circular stride-1 padding covers the
+    rest of the kernel's reach on the right."""
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    rh, rw = dh * (kh - 1), dw * (kw - 1)
+    top, left = max(rh + 1 - sh, 0) // 2, max(rw + 1 - sw, 0) // 2
+    return (left, rw - left, top, rh - top)
 
 
 def centered_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:

@@ -88,10 +88,14 @@ def _judge(site: Site, rule: Rule | None, recipe: Recipe | None) -> Judgement:
 
 
 def _analyse(model: nn.Module, input_size: Sequence[int], in_chans: int, leaf_modules: Iterable[type],
-             index: _RuleIndex) -> list[Site]:
+             index: _RuleIndex) -> tuple[list[Site], list[str]]:
     gm = trace(model, leaf_types=index.module_types | set(leaf_modules))
-    layouts = infer_layouts(gm, tuple(input_size), in_chans)
-    return _sites(gm, layouts)
+    layouts, fixed_at = infer_layouts(gm, tuple(input_size), in_chans)
+    notes = []
+    if fixed_at:
+        notes.append(f"the model runs only at input size {input_size[0]}x{input_size[1]}: node '{fixed_at}' needs a "
+                     f"fixed size (layers after it were seen at one size and taken as spatially constant)")
+    return _sites(gm, layouts), notes
 
 
 def _in_chans(model: nn.Module, in_chans: int | None) -> int:
@@ -125,11 +129,12 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     was_training = model.training
     model.eval()
     try:
-        sites = _analyse(model, input_size, in_chans, leaf_modules, index)
+        sites, notes = _analyse(model, input_size, in_chans, leaf_modules, index)
     finally:
         model.train(was_training)
     info = getattr(model, "afconvert_info", {}) or {}
-    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, None))
+    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, None),
+                    notes=notes)
     if check:
         kwargs = {"shifts": shifts} if shifts else {}
         report.check = shift_check({"model": model}, input_size, in_chans, dtype=dtype, **kwargs)
@@ -154,7 +159,7 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     out = copy.deepcopy(model)
     was_training = out.training
     out.eval()
-    sites = _analyse(out, input_size, in_chans, leaf_modules, index)
+    sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
 
     swaps: dict[str, list[nn.Module]] = {}

@@ -91,22 +91,30 @@ def _roles(base, tall, wide) -> Layout | list | None:
 
 
 def infer_layouts(gm: fx.GraphModule, input_size: tuple[int, int], in_chans: int = 3,
-                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Map each node name to its output ``Layout`` (or a list of them, or None for non-tensors)."""
+                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, Any], str | None]:
+    """Map each node name to its output ``Layout`` (or a list of them, or None for non-tensors).
+
+    Also returns the node at which a model that runs only at ``input_size`` (a fixed-size layer,
+    e.g. a fully connected head over the flattened map) fails at the other sizes, else None.
+    Nodes after that one are seen at one size only and taken as spatially constant.
+    """
     h, w = input_size
-    runs = []
+    runs, fixed_at = [], None
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    for size in ((h, w), (2 * h, w), (h, 2 * w)):
+    for i, size in enumerate(((h, w), (2 * h, w), (h, 2 * w))):
         rec = _Recorder(gm)
         x = torch.randn(1, in_chans, *size, dtype=dtype, device=device)
         try:
             with torch.no_grad():
                 rec.run(x)
         except Exception as exc:
-            raise WrongInputSizeError(
-                f"the model does not run at input size {size[0]}x{size[1]} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); fix: pass an input size the model accepts "
-                f"(input_size=(H, W), --input-size H W), e.g. a multiple of its total stride") from exc
+            if i == 0:
+                raise WrongInputSizeError(
+                    f"the model does not run at input size {size[0]}x{size[1]} ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); fix: pass an input size the model accepts "
+                    f"(input_size=(H, W), --input-size H W), e.g. a multiple of its total stride") from exc
+            failed = next((n.name for n in gm.graph.nodes if n.name not in rec.shapes), None)
+            fixed_at = fixed_at or failed
         runs.append(rec.shapes)
     base, tall, wide = runs
-    return {name: _roles(base[name], tall.get(name), wide.get(name)) for name in base}
+    return {name: _roles(base[name], tall.get(name, base[name]), wide.get(name, base[name])) for name in base}, fixed_at

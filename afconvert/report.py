@@ -109,6 +109,10 @@ def format_check(check: dict) -> str:
     lines = [f"empirical check ({check['input_size'][0]}x{check['input_size'][1]}, {check['dtype']}, "
              f"max relative logit change over shifts):"]
     for label, per in check["models"].items():
+        if any(v != v or v == float("inf") for v in per.values()):  # nan or inf
+            lines.append(f"  {label:<10} logits not finite: the shift check cannot measure this model "
+                         f"(stacked polynomial activations overflow without normalisation; fine-tune it first)")
+            continue
         worst = max(per.values())
         parts = ", ".join(f"{k}: {v:.1e}" for k, v in per.items())
         lines.append(f"  {label:<10} worst {worst:.2e}   ({parts})")

@@ -30,6 +30,8 @@ def relative_logit_change(model: nn.Module, x: torch.Tensor, shifts: Iterable[Se
                           ) -> dict[str, float]:
     """max |f(shift(x)) - f(x)| / max |f(x)| for each shift (band-limited, circular)."""
     y0 = model(x)
+    if not torch.isfinite(y0).all():
+        return {_label(s): float("nan") for s in shifts}
     scale = y0.abs().max().clamp_min(torch.finfo(y0.dtype).tiny)
     return {_label(s): float((model(fractional_shift(x, *s)) - y0).abs().max() / scale) for s in shifts}
 

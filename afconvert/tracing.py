@@ -42,9 +42,14 @@ class AFTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        self.module_stack_names.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.module_stack_names.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "afconvert_module_path"):  # the innermost module is where it failed
+                exc.afconvert_module_path = path
+            raise
         finally:
             self.module_stack_names.pop()
 
@@ -55,8 +60,9 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; report them all the same way
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else "<top-level forward>"
-        inner = type(model.get_submodule(where)).__name__ if tracer.module_stack_names else type(model).__name__
+        where = getattr(exc, "afconvert_module_path", "")
+        inner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+        where = where or "<top-level forward>"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UntraceableModelError(
             f"cannot trace {type(model).__name__}: module '{where}' ({inner}) does data-dependent Python "

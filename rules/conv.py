@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from afconvert.conv import AliasFreeConv2d, CircularConv2d, centered_pad
+from timm.layers import Conv2dSame
+
+from afconvert.conv import AliasFreeConv2d, CircularConv2d, centered_pad, tf_same_pad
 from afconvert.poly import LowpassPolyActivation, ResidualActivation
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
@@ -32,10 +34,15 @@ def _judge_conv(site: Site, options: dict) -> Judgement:
     problems = []
     if stride != (1, 1):
         problems.append(f"stride {stride[0] if stride[0] == stride[1] else stride} sub-samples below Nyquist")
-    if any(reach):
-        if conv.padding_mode != "circular" or isinstance(pad, str):
+    if type(conv) is Conv2dSame:
+        problems.append("TF 'same' zero padding breaks circular equivariance")
+    elif any(reach) and conv.padding_mode != "circular":
+        unpadded = not isinstance(pad, str) and not any(pad)
+        if not unpadded:
             problems.append(f"{'zero' if conv.padding_mode == 'zeros' else conv.padding_mode} padding "
                             f"{pad if isinstance(pad, str) else tuple(pad)} breaks circular equivariance")
+        elif any(k > s for k, s in zip(conv.kernel_size, stride)):  # patchify (k <= s) reads no border
+            problems.append("unpadded ('valid') convolution treats the map as finite, not circular")
     if problems:
         return Judgement(Verdict.NOT, "; ".join(problems))
     return Judgement(Verdict.EXACT, "pointwise (1x1) or circular stride-1 convolution")
@@ -51,7 +58,7 @@ def _stem_activation_is_exact(pre: nn.Module, down: tuple[int, int]) -> bool:
 
 def _convert_conv(site: Site, options: dict) -> nn.Module | None:
     conv: nn.Conv2d = site.module
-    if type(conv) is not nn.Conv2d or not site.spatial:
+    if type(conv) not in (nn.Conv2d, Conv2dSame) or not site.spatial:
         return None
     if site.x is None or site.x.spatial_dims != (2, 3):
         return None
@@ -59,7 +66,11 @@ def _convert_conv(site: Site, options: dict) -> nn.Module | None:
     reach = any(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
     if not strided and not reach:
         return None  # 1x1 stride 1: already exact
-    pad = centered_pad(conv) if options.get("alignment", "source") == "centered" else None
+    tf_same = type(conv) is Conv2dSame
+    if options.get("alignment", "source") == "centered":
+        pad = centered_pad(conv)
+    else:
+        pad = tf_same_pad(conv) if tf_same else None
     if not strided:
         if options.get("padding", "circular") != "circular":
             return None
@@ -71,11 +82,11 @@ def _convert_conv(site: Site, options: dict) -> nn.Module | None:
                                     coef=stem.get("coef"), in_scale=stem.get("in_scale", 1.0),
                                     out_scale=stem.get("out_scale", 1.0), train_scale=stem.get("train_scale", False))
         pre_down = ResidualActivation(act, gamma=stem.get("gamma", 0.0)) if stem.get("residual", True) else act
-    return AliasFreeConv2d.from_conv(conv, pad, pre_down=pre_down,
+    return AliasFreeConv2d.from_conv(conv, pad, pre_down=pre_down, same_size=tf_same,
                                      input_filter=bool(options.get("input_filter", False)) and site.reads_input)
 
 
 RULES = [
-    Rule(name="conv2d", family="conv", targets=(nn.Conv2d, CircularConv2d, AliasFreeConv2d),
+    Rule(name="conv2d", family="conv", targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d),
          judge=_judge_conv, convert=_convert_conv, doc=__doc__),
 ]

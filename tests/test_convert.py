@@ -1,0 +1,168 @@
+"""The converter on timm's ConvNeXt: exact invariance after conversion, failure before, the report."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import afconvert
+from afconvert import NotAliasFreeError, UntraceableModelError
+from afconvert.rule import Verdict
+from afconvert.shift_check import random_input, relative_logit_change
+
+from conftest import randomize_
+
+INTEGER = [(1, 0), (0, 1), (3, -2), (5, 7)]
+FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75)]
+SIZES = [(64, 64), (96, 96), (64, 96)]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.fixture(scope="module")
+def source():
+    return randomize_(timm.create_model("convnext_tiny", num_classes=10)).eval()
+
+
+@pytest.fixture(scope="module")
+def converted(source):
+    return {recipe: afconvert.convert(source, recipe) for recipe in ("afc", "afc-paper")}
+
+
+def _with_stem_gamma(model):
+    """The paper recipe's residual stem activation starts at gamma = 0: switch it on for the test."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.stem[0].pre_down.gamma.fill_(0.3)
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["afc", "afc-paper"])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_converted_logits_invariant(converted, source, recipe, size, dtype):
+    model = converted[recipe]
+    if recipe == "afc-paper":
+        model = _with_stem_gamma(model)
+    model = copy.deepcopy(model).to(dtype)
+    x = random_input(2, 3, size, dtype)
+    change = relative_logit_change(model, x, INTEGER + FRACTIONAL)
+    assert max(change.values()) < TOL[dtype], change
+    # the same check fails on the unconverted model
+    before = relative_logit_change(copy.deepcopy(source).to(dtype), x, INTEGER + FRACTIONAL)
+    assert min(before.values()) > 1e-2, before
+
+
+def test_odd_sizes_run_and_stay_invariant(converted):
+    model = copy.deepcopy(converted["afc"]).double()
+    x = random_input(1, 3, (67, 75), torch.float64)
+    assert max(relative_logit_change(model, x, [(1, 0), (0.5, 0.5), (1 / 3, 2 / 3)]).values()) < 1e-10
+
+
+def test_model_keeps_class_and_weights(source, converted):
+    model = converted["afc"]
+    assert type(model) is type(source) and model.pretrained_cfg == source.pretrained_cfg
+    src_sd, new_sd = source.state_dict(), model.state_dict()
+    for key, value in src_sd.items():
+        torch.testing.assert_close(new_sd[key], value)
+    new_keys = set(new_sd) - set(src_sd)
+    assert new_keys and all(k.endswith((".coef", ".in_scale", ".out_scale")) for k in new_keys)
+    # an original checkpoint loads: nothing unexpected, only the polynomial coefficients are new
+    fresh = copy.deepcopy(model)
+    result = fresh.load_state_dict(src_sd, strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == new_keys
+    assert not any("rect" in k or "mask" in k for k in new_sd)  # filters are never state
+
+
+def test_report_says_what_was_replaced(converted):
+    report = converted["afc"].afconvert_report
+    assert report.verdict is Verdict.EXACT and not report.offenders
+    replaced = {(f.op, f.replaced_by) for f in report.replaced}
+    assert ("Conv2d", "AliasFreeConv2d") in replaced and ("GELU", "AliasFreePolyActivation") in replaced
+    assert ("LayerNorm2d", "AliasFreeLayerNorm") in replaced and ("LayerNorm", "AliasFreeLayerNorm") in replaced
+    assert len([f for f in report.replaced if f.replaced_by == "AliasFreeConv2d"]) == 4  # stem + 3 down-samplers
+    assert "certified" in report.summary()
+    assert report.to_dict()["verdict"] == "exact"
+
+
+def test_audit_of_unconverted_model_lists_aliasing_sources(source):
+    report = afconvert.audit(source, check=False)
+    assert report.verdict is Verdict.NOT
+    reasons = " ".join(f.reason for f in report.offenders)
+    for needle in ("sub-samples below Nyquist", "zero padding", "pointwise nonlinearity", "per-pixel normalisation"):
+        assert needle in reasons
+    assert {f.node for f in report.offenders} >= {"stem.0", "stem.1", "stages.0.blocks.0.mlp.act"}
+
+
+def test_audit_check_backs_the_verdict(converted):
+    report = afconvert.audit(converted["afc"], input_size=(64, 64))
+    assert report.verdict is Verdict.EXACT
+    assert max(report.check["models"]["model"].values()) < 1e-5
+
+
+class FlattenHead(nn.Module):
+    """VGG-style: a fully connected head over the flattened map is not shift-invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act(self.conv(x)), 1))
+
+
+def test_strict_refuses_flatten_head_and_names_it():
+    with pytest.raises(NotAliasFreeError, match="flatten"):
+        afconvert.convert(FlattenHead(), input_size=(16, 16), strict=True)
+    model = afconvert.convert(FlattenHead(), input_size=(16, 16))
+    assert {f.node for f in model.afconvert_report.offenders} >= {"flatten"}
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Branchy()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+
+
+def test_untraceable_model_is_reported_with_module_and_reason():
+    with pytest.raises(UntraceableModelError, match=r"module 'body' \(Branchy\).*control flow"):
+        afconvert.convert(Untraceable(), input_size=(8, 8))
+
+
+def test_wrong_input_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not run at input size.*fix"):
+        afconvert.convert(FlattenHead(), input_size=(8, 8))
+
+
+def test_unknown_op_is_never_certified():
+    class Weird(nn.Module):
+        def forward(self, x):
+            return torch.sort(x, dim=-1).values.mean((2, 3))
+
+    report = afconvert.audit(Weird(), input_size=(8, 8), in_chans=3, check=False)
+    assert report.verdict is Verdict.UNKNOWN and "no rule knows" in report.verdict_text
+
+
+def test_unknown_recipe_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean afc"):
+        afconvert.convert(FlattenHead(), recipe="afcc", input_size=(16, 16))
+
+
+def test_training_mode_is_kept_and_gradients_flow(source):
+    model = afconvert.convert(source.train(), input_size=(64, 64))
+    source.eval()
+    assert model.training
+    model(random_input(2, 3, (64, 64))).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
