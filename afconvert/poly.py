@@ -48,13 +48,30 @@ def fit_polynomial(fn: Callable[[torch.Tensor], torch.Tensor], degree: int = 2,
     return [float(v) for v in sol]
 
 
+class _InitialisedByConversion(nn.Module):
+    """A layer that conversion adds: a checkpoint of the *source* model has none of its keys.
+
+    Loading such a checkpoint (strict or not) keeps this layer's conversion-time values, so an
+    original checkpoint loads strictly into the converted model; a checkpoint that has some but
+    not all of its keys is still an error."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = [prefix + name for name, _ in self.named_parameters(recurse=False)] + \
+              [prefix + name for name, _ in self.named_buffers(recurse=False)]
+        if own and not any(k in state_dict for k in own):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
 def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[channel_dim] = v.numel()
     return v.reshape(shape)
 
 
-class PolyActivation(nn.Module):
+class PolyActivation(_InitialisedByConversion):
     """Per-channel polynomial f_c(x) = s_out * sum_k coef[c, k] (s_in x)^k (pointwise).
 
     ``coef``: (C, degree + 1). ``in_scale``/``out_scale``: the paper's input/output scales
@@ -161,7 +178,7 @@ class LowpassPolyActivation(PolyActivation):
         return super().extra_repr() + f", cutoff={self.cutoff}"
 
 
-class ResidualActivation(nn.Module):
+class ResidualActivation(_InitialisedByConversion):
     """y = x + gamma * act(x), gamma a learned scalar initialised to 0 (identity at conversion)."""
 
     def __init__(self, act: nn.Module, gamma: float = 0.0):

@@ -143,11 +143,28 @@ def ideal_upsample(x: torch.Tensor, factor: int | Sequence[int] = 2, dims: Dims 
     return ideal_resample(x, (x.shape[d0] * f[0], x.shape[d1] * f[1]), (d0, d1))
 
 
-def _lowpass_mask_1d(n: int, cutoff: float, onesided: bool, device, dtype) -> torch.Tensor:
-    """Mask of bins |k| < cutoff * n / 2 (edge bin, when it exists exactly, zeroed)."""
-    k = torch.fft.rfftfreq(n, d=1.0 / n, device=device, dtype=dtype) if onesided else \
-        torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
-    return (k.abs() < cutoff * n / 2).to(dtype)
+def _separable_filter(x: torch.Tensor, dims: Dims, factor_1d) -> torch.Tensor:
+    """irfft2(rfft2(x) * f0[k0] * f1[k1]): multiply each 2D bin by a product of per-dim factors.
+
+    ``factor_1d(axis, n, onesided, device, dtype)`` gives the factors of one dim (axis 0 or 1),
+    over its full spectrum (n bins) or, for the rfft dim, its one-sided half (n // 2 + 1 bins)."""
+    d0, d1 = _norm_dims(x, dims)
+    rdt = _real_dtype(x)
+    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
+    shape = [1] * x.ndim
+    shape[d0] = x.shape[d0]
+    factor = factor_1d(0, x.shape[d0], False, x.device, rdt).reshape(shape)
+    shape[d0], shape[d1] = 1, x.shape[d1] // 2 + 1
+    factor = factor * factor_1d(1, x.shape[d1], True, x.device, rdt).reshape(shape)
+    y = torch.fft.irfftn(spec * factor, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
+    return y.to(x.dtype)
+
+
+def _bins(n: int, onesided: bool, device, dtype) -> torch.Tensor:
+    """Signed integer frequencies of the bins of a length-n signal (one-sided: 0 .. n // 2)."""
+    k = torch.fft.rfftfreq(n, device=device, dtype=dtype) if onesided else \
+        torch.fft.fftfreq(n, device=device, dtype=dtype)
+    return torch.round(k * n)
 
 
 def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1)) -> torch.Tensor:
@@ -157,35 +174,14 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1)) -> torc
     The official code's ``LPF_RFFT(cutoff)`` keeps |k| <= floor(cutoff N / 2) and zeroes that
     bin when N % 4 == 0; both agree whenever cutoff * N / 2 is an integer or N % 4 != 0.
     """
-    d0, d1 = _norm_dims(x, dims)
-    dtype = x.dtype
-    rdt = _real_dtype(x)
-    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
-    m0 = _lowpass_mask_1d(x.shape[d0], cutoff, False, x.device, rdt)
-    m1 = _lowpass_mask_1d(x.shape[d1], cutoff, True, x.device, rdt)
-    shape = [1] * x.ndim
-    shape[d0], shape[d1] = m0.numel(), 1
-    mask = m0.reshape(shape)
-    shape[d0], shape[d1] = 1, m1.numel()
-    mask = mask * m1.reshape(shape)
-    y = torch.fft.irfftn(spec * mask, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
-    return y.to(dtype)
+    def mask(axis, n, onesided, device, dtype):
+        return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
+    return _separable_filter(x, dims, mask)
 
 
 def zero_nyquist(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
     """Remove the Nyquist bins (even sizes): the one part of a signal with no unique sub-pixel shift."""
     return ideal_lowpass(x, 1.0, dims)
-
-
-def _shift_phase_1d(n: int, d: float, onesided: bool, device, dtype) -> torch.Tensor:
-    k = torch.fft.rfftfreq(n, device=device, dtype=dtype) if onesided else \
-        torch.fft.fftfreq(n, device=device, dtype=dtype)
-    k = k * n  # integer bins
-    phase = torch.polar(torch.ones_like(k), -2 * math.pi * k * d / n)
-    if n % 2 == 0:  # Nyquist bin: symmetric convention, real factor cos(pi d)
-        nyq = n // 2 if onesided else n // 2
-        phase[nyq] = math.cos(math.pi * d)
-    return phase
 
 
 def fractional_shift(x: torch.Tensor, dy: float, dx: float, dims: Dims = (-2, -1)) -> torch.Tensor:
@@ -195,18 +191,15 @@ def fractional_shift(x: torch.Tensor, dy: float, dx: float, dims: Dims = (-2, -1
     for the Nyquist-bin convention. Shapes are kept.
     """
     d0, d1 = _norm_dims(x, dims)
-    dy, dx = float(dy), float(dx)
-    if dy == int(dy) and dx == int(dx):
-        return torch.roll(x, (int(dy), int(dx)), (d0, d1))
-    dtype = x.dtype
-    rdt = _real_dtype(x)
-    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
-    p0 = _shift_phase_1d(x.shape[d0], dy, False, x.device, rdt)
-    p1 = _shift_phase_1d(x.shape[d1], dx, True, x.device, rdt)
-    shape = [1] * x.ndim
-    shape[d0] = p0.numel()
-    phase = p0.reshape(shape)
-    shape[d0], shape[d1] = 1, p1.numel()
-    phase = phase * p1.reshape(shape)
-    y = torch.fft.irfftn(spec * phase, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
-    return y.to(dtype)
+    shift = (float(dy), float(dx))
+    if all(s == int(s) for s in shift):
+        return torch.roll(x, (int(shift[0]), int(shift[1])), (d0, d1))
+
+    def phase(axis, n, onesided, device, dtype):
+        d = shift[axis]
+        k = _bins(n, onesided, device, dtype)
+        out = torch.polar(torch.ones_like(k), -2 * math.pi * k * d / n)
+        if n % 2 == 0:  # Nyquist bin: symmetric convention, the real factor cos(pi d)
+            out[n // 2] = math.cos(math.pi * d)
+        return out
+    return _separable_filter(x, (d0, d1), phase)

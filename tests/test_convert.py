@@ -67,10 +67,20 @@ def test_model_keeps_class_and_weights(source, converted):
         torch.testing.assert_close(new_sd[key], value)
     new_keys = set(new_sd) - set(src_sd)
     assert new_keys and all(k.endswith((".coef", ".in_scale", ".out_scale")) for k in new_keys)
-    # an original checkpoint loads: nothing unexpected, only the polynomial coefficients are new
+    # an original checkpoint loads strictly: kept weights by their keys, the polynomials keep their fit
     fresh = copy.deepcopy(model)
-    result = fresh.load_state_dict(src_sd, strict=False)
-    assert result.unexpected_keys == [] and set(result.missing_keys) == new_keys
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if name in src_sd:
+                p.zero_()
+    fresh.load_state_dict(src_sd, strict=True)
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, (src_sd if key in src_sd else new_sd)[key])
+    # a checkpoint with part of a polynomial is still refused
+    broken = dict(new_sd)
+    broken.pop(next(k for k in new_keys if k.endswith(".coef")))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(broken, strict=True)
     assert not any("rect" in k or "mask" in k for k in new_sd)  # filters are never state
 
 
