@@ -1,0 +1,52 @@
+"""Forward-pass cost of a converted model against its source, measured side by side in one run.
+
+    python examples/benchmark.py convnext_tiny --input-size 224 224 --batch 8 [--recipe afc-paper] [--device cuda]
+
+Prints milliseconds per batch for both and the ratio converted / original (no weights needed).
+"""
+import argparse
+import time
+
+import torch
+
+import afconvert
+from afconvert.models import create_source_model
+
+
+def _time(model, x, repeats):
+    with torch.no_grad():
+        model(x)  # warm-up
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="convnext_tiny")
+    p.add_argument("--recipe", default="afc")
+    p.add_argument("--input-size", nargs=2, type=int, default=(224, 224))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    source, _ = create_source_model(args.model, pretrained=False)
+    converted = afconvert.convert(source, args.recipe, input_size=args.input_size)
+    x = torch.randn(args.batch, 3, *args.input_size, device=args.device)
+    rows = {}
+    for label, model in (("original", source), ("converted", converted)):
+        rows[label] = _time(model.to(args.device).eval(), x, args.repeats)
+    print(f"{args.model} ({args.recipe}), batch {args.batch} at {args.input_size[0]}x{args.input_size[1]} "
+          f"on {args.device}, {torch.get_num_threads()} threads")
+    for label, ms in rows.items():
+        print(f"  {label:<10} {ms:9.1f} ms / batch")
+    print(f"  ratio      {rows['converted'] / rows['original']:9.2f} x")
+
+
+if __name__ == "__main__":
+    main()
