@@ -59,10 +59,6 @@ class _RuleIndex:
 
 
 def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     sites = []
     for n in gm.graph.nodes:
@@ -74,8 +70,7 @@ def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
         out = layouts.get(n.name)
         sites.append(Site(node=n, module=gm.get_submodule(n.target) if n.op == "call_module" else None,
                           inputs=inputs, output=out if isinstance(out, Layout) else None,
-                          reads_input=any(a in placeholders for a in flat),
-                          calls=calls.get(n.target, 1) if n.op == "call_module" else 1))
+                          reads_input=any(a in placeholders for a in flat)))
     return sites
 
 

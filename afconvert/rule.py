@@ -7,8 +7,8 @@ exporting ``RULES``. The engine (``afconvert.engine``) matches graph nodes to ru
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -46,7 +46,6 @@ class Site:
     inputs: list[Layout | None]         # layouts of the tensor arguments, in order
     output: Layout | None
     reads_input: bool = False           # an argument is the model's input itself
-    calls: int = 1                      # how many nodes call this module (shared modules)
 
     @property
     def name(self) -> str:
@@ -86,5 +85,3 @@ class Rule:
     targets: tuple
     judge: Callable[[Site, dict], Judgement]
     convert: Callable[[Site, dict], nn.Module | None] | None = None
-    doc: str = ""
-    options: dict[str, Any] = field(default_factory=dict)

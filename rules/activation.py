@@ -58,5 +58,5 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
 RULES = [
     Rule(name="activation", family="activation", targets=ACTIVATIONS + (PolyActivation, AliasFreePolyActivation,
                                                                           LowpassPolyActivation),
-         judge=_judge_activation, convert=_convert_activation, doc=__doc__),
+         judge=_judge_activation, convert=_convert_activation),
 ]

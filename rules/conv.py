@@ -88,5 +88,5 @@ def _convert_conv(site: Site, options: dict) -> nn.Module | None:
 
 RULES = [
     Rule(name="conv2d", family="conv", targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d),
-         judge=_judge_conv, convert=_convert_conv, doc=__doc__),
+         judge=_judge_conv, convert=_convert_conv),
 ]

@@ -51,7 +51,7 @@ def _judge_kept(site: Site, options: dict) -> Judgement:
 
 RULES = [
     Rule(name="layernorm", family="norm", targets=LAYERNORMS + (AliasFreeLayerNorm,),
-         judge=_judge_layernorm, convert=_convert_layernorm, doc=__doc__),
+         judge=_judge_layernorm, convert=_convert_layernorm),
     Rule(name="batchnorm", family="norm", targets=(nn.BatchNorm2d, nn.GroupNorm, F.batch_norm, F.group_norm),
-         judge=_judge_kept, doc=__doc__),
+         judge=_judge_kept),
 ]

@@ -96,13 +96,12 @@ def _judge_metadata(site: Site, options: dict) -> Judgement:
 
 
 RULES = [
-    Rule(name="linear-op", family="structural", targets=EXACT_LINEAR, judge=_judge_linear_op, doc=__doc__),
-    Rule(name="shape", family="structural", targets=SHAPE_OPS, judge=_judge_shape, doc=__doc__),
-    Rule(name="product", family="structural", targets=PRODUCTS, judge=_judge_product, doc=__doc__),
-    Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient, doc=__doc__),
-    Rule(name="global-mean", family="structural", targets=SPATIAL_MEANS, judge=_judge_mean, doc=__doc__),
-    Rule(name="global-pool", family="structural", targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper,
-         doc=__doc__),
-    Rule(name="linear-layer", family="structural", targets=(nn.Linear,), judge=_judge_linear_layer, doc=__doc__),
-    Rule(name="metadata", family="structural", targets=METADATA, judge=_judge_metadata, doc=__doc__),
+    Rule(name="linear-op", family="structural", targets=EXACT_LINEAR, judge=_judge_linear_op),
+    Rule(name="shape", family="structural", targets=SHAPE_OPS, judge=_judge_shape),
+    Rule(name="product", family="structural", targets=PRODUCTS, judge=_judge_product),
+    Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient),
+    Rule(name="global-mean", family="structural", targets=SPATIAL_MEANS, judge=_judge_mean),
+    Rule(name="global-pool", family="structural", targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper),
+    Rule(name="linear-layer", family="structural", targets=(nn.Linear,), judge=_judge_linear_layer),
+    Rule(name="metadata", family="structural", targets=METADATA, judge=_judge_metadata),
 ]
