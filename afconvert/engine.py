@@ -163,8 +163,10 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         if rule is None or rule.convert is None or site.module is None:
             continue
         new = rule.convert(site, rec.for_family(rule.family))
-        if new is not None:
-            swaps.setdefault(site.node.target, []).append(new)
+        if isinstance(new, nn.Module):
+            new = {site.node.target: new}
+        for name, module in (new or {}).items():  # a rule may replace the site's neighbours too
+            swaps.setdefault(name, []).append(module)
     notes, swapped = [], set()
     for name, news in swaps.items():
         if len({repr(m) for m in news}) > 1:

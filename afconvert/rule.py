@@ -77,11 +77,12 @@ class Rule:
     """Targets (module classes, matched by exact type; functions; or method names) -> judge/convert.
 
     ``judge(site, options)`` says how the *existing* op treats shifts. ``convert(site, options)``
-    returns a replacement module, or None to keep the op. Rules without ``convert`` only judge.
+    returns a replacement module, or {module path: replacement} when it also replaces neighbours
+    (the site's own path included), or None to keep the op. Rules without ``convert`` only judge.
     """
 
     name: str
     family: str
     targets: tuple
     judge: Callable[[Site, dict], Judgement]
-    convert: Callable[[Site, dict], nn.Module | None] | None = None
+    convert: Callable[[Site, dict], "nn.Module | dict[str, nn.Module] | None"] | None = None

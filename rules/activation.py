@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch.nn as nn
 from timm.layers import activations as timm_act
 
-from afconvert.poly import AliasFreePolyActivation, LowpassPolyActivation, PolyActivation
+import torch.fx as fx
+
+from afconvert.highrate import DownsampledLinear, HighRatePolyActivation, UpsampledLinear
+from afconvert.poly import AliasFreePolyActivation, LowpassPolyActivation, PolyActivation, upsampling_factor
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
 ACTIVATIONS = (
@@ -26,10 +29,49 @@ ACTIVATIONS = (
 )
 
 
+# pointwise modules that may stand between an activation and the next Linear (timm's Mlp: drop1, norm)
+_PASS_THROUGH = (nn.Identity, nn.Dropout)
+
+
+def _linear_neighbours(site: Site) -> tuple[fx.Node, fx.Node] | None:
+    """(fc1, fc2) call_module nodes when the site is fc1 -> act -> [identity/dropout] -> fc2, each
+    used once, so the pair can carry the up- and down-sampling."""
+    node = site.node
+    modules = dict(node.graph.owning_module.named_modules())
+    before = node.args[0] if node.args else None
+    if not (isinstance(before, fx.Node) and before.op == "call_module" and len(before.users) == 1):
+        return None
+    cur = node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if nxt.op != "call_module" or len(nxt.args) != 1:
+            return None
+        if isinstance(modules[nxt.target], _PASS_THROUGH):
+            cur = nxt
+            continue
+        return (before, nxt) if isinstance(modules[before.target], nn.Linear) and \
+            isinstance(modules[nxt.target], nn.Linear) else None
+    return None
+
+
+def _judge_high_rate(site: Site, act: HighRatePolyActivation) -> Judgement:
+    pair = _linear_neighbours(site)
+    if pair is not None:
+        modules = dict(site.node.graph.owning_module.named_modules())
+        up, down = modules[pair[0].target], modules[pair[1].target]
+        if isinstance(up, UpsampledLinear) and isinstance(down, DownsampledLinear) and \
+                up.factor == down.factor >= upsampling_factor(act.degree):
+            return Judgement(Verdict.EXACT, f"degree-{act.degree} polynomial between ideal {up.factor}x up-sampling "
+                                            f"({pair[0].target}) and down-sampling ({pair[1].target})")
+    return Judgement(Verdict.NOT, "high-rate polynomial without its up-/down-sampling neighbours")
+
+
 def _judge_activation(site: Site, options: dict) -> Judgement:
     act = site.module
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input: already shift-invariant")
+    if isinstance(act, HighRatePolyActivation):
+        return _judge_high_rate(site, act)
     if isinstance(act, AliasFreePolyActivation):
         return Judgement(Verdict.EXACT, f"degree-{act.degree} polynomial at {act.up}x rate, ideal low-pass back")
     if isinstance(act, LowpassPolyActivation):
@@ -49,14 +91,21 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
     degree = int(options.get("degree", 2))
     rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
     fn = act.eval()  # the module itself is the function to fit
-    return AliasFreePolyActivation.fitted(
-        fn, x.channels, degree, rng, in_scale=float(options.get("in_scale", 1.0)),
-        out_scale=float(options.get("out_scale", 1.0)), train_scale=bool(options.get("train_scale", False)),
-        channel_dim=x.channel_dim, spatial_dims=x.spatial_dims)
+    kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
+                  train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim)
+    pair = _linear_neighbours(site) if options.get("fuse_linear", True) else None
+    if pair is not None and x.channel_dim == len(x.shape) - 1:
+        # fc1 -> act -> fc2 on channels-last maps: up-sample before fc1, down-sample after fc2 (exact, fewer FFTs)
+        modules = dict(site.node.graph.owning_module.named_modules())
+        factor = upsampling_factor(degree)
+        return {pair[0].target: UpsampledLinear.from_linear(modules[pair[0].target], factor, x.spatial_dims),
+                site.node.target: HighRatePolyActivation.fitted(fn, x.channels, degree, rng, **kwargs),
+                pair[1].target: DownsampledLinear.from_linear(modules[pair[1].target], factor, x.spatial_dims)}
+    return AliasFreePolyActivation.fitted(fn, x.channels, degree, rng, spatial_dims=x.spatial_dims, **kwargs)
 
 
 RULES = [
-    Rule(name="activation", family="activation", targets=ACTIVATIONS + (PolyActivation, AliasFreePolyActivation,
-                                                                          LowpassPolyActivation),
+    Rule(name="activation", family="activation", targets=ACTIVATIONS + (
+        PolyActivation, AliasFreePolyActivation, LowpassPolyActivation, HighRatePolyActivation),
          judge=_judge_activation, convert=_convert_activation),
 ]

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, SelectAdaptivePool2d
 
+from afconvert.highrate import DownsampledLinear, UpsampledLinear
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
 EXACT_LINEAR = (operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
@@ -81,6 +82,10 @@ def _judge_pool_wrapper(site: Site, options: dict) -> Judgement:
 
 
 def _judge_linear_layer(site: Site, options: dict) -> Judgement:
+    if isinstance(site.module, UpsampledLinear):
+        return Judgement(Verdict.EXACT, f"ideal {site.module.factor}x up-sampling, then pointwise linear")
+    if isinstance(site.module, DownsampledLinear):
+        return Judgement(Verdict.EXACT, f"pointwise linear, then ideal {site.module.factor}x down-sampling")
     x = site.x
     if x is None or not x.is_spatial:
         return Judgement(Verdict.EXACT, "spatially constant input")
@@ -102,6 +107,7 @@ RULES = [
     Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient),
     Rule(name="global-mean", family="structural", targets=SPATIAL_MEANS, judge=_judge_mean),
     Rule(name="global-pool", family="structural", targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper),
-    Rule(name="linear-layer", family="structural", targets=(nn.Linear,), judge=_judge_linear_layer),
+    Rule(name="linear-layer", family="structural", targets=(nn.Linear, UpsampledLinear, DownsampledLinear),
+         judge=_judge_linear_layer),
     Rule(name="metadata", family="structural", targets=METADATA, judge=_judge_metadata),
 ]

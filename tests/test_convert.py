@@ -88,11 +88,36 @@ def test_report_says_what_was_replaced(converted):
     report = converted["afc"].afconvert_report
     assert report.verdict is Verdict.EXACT and not report.offenders
     replaced = {(f.op, f.replaced_by) for f in report.replaced}
-    assert ("Conv2d", "AliasFreeConv2d") in replaced and ("GELU", "AliasFreePolyActivation") in replaced
+    assert ("Conv2d", "AliasFreeConv2d") in replaced and ("GELU", "HighRatePolyActivation") in replaced
+    assert ("Linear", "UpsampledLinear") in replaced and ("Linear", "DownsampledLinear") in replaced
     assert ("LayerNorm2d", "AliasFreeLayerNorm") in replaced and ("LayerNorm", "AliasFreeLayerNorm") in replaced
     assert len([f for f in report.replaced if f.replaced_by == "AliasFreeConv2d"]) == 4  # stem + 3 down-samplers
     assert "certified" in report.summary()
     assert report.to_dict()["verdict"] == "exact"
+
+
+def test_fusing_the_mlp_linears_is_exact(source, converted):
+    """Up-sampling before fc1 and down-sampling after fc2 computes what the activation alone would."""
+    unfused = afconvert.convert(source, options={"activation": {"fuse_linear": False}})
+    kinds = {f.replaced_by for f in unfused.afconvert_report.replaced}
+    assert "AliasFreePolyActivation" in kinds and "UpsampledLinear" not in kinds
+    x = random_input(2, 3, (64, 96), torch.float64)
+    with torch.no_grad():
+        a, b = copy.deepcopy(unfused).double()(x), copy.deepcopy(converted["afc"]).double()(x)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-12
+
+
+def test_high_rate_polynomial_without_its_neighbours_is_not_certified(converted):
+    broken = copy.deepcopy(converted["afc"])
+    block = broken.stages[0].blocks[0].mlp
+    for name in ("fc1", "fc2"):  # plain linears: the polynomial now runs at the input rate
+        fc = getattr(block, name)
+        plain = nn.Linear(fc.in_features, fc.out_features)
+        plain.weight, plain.bias = fc.weight, fc.bias
+        setattr(block, name, plain)
+    report = afconvert.audit(broken, check=False)
+    assert [f.node for f in report.offenders] == ["stages.0.blocks.0.mlp.act"]
+    assert "without its up-/down-sampling" in report.offenders[0].reason
 
 
 def test_audit_of_unconverted_model_lists_aliasing_sources(source):

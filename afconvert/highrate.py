@@ -1,0 +1,69 @@
+"""Pointwise layers that move a signal to and from a higher sampling rate.
+
+Ideal up-sampling U and down-sampling D are linear and act on each channel alone, so they commute
+with any pointwise linear map W (a Linear over channels-last maps, a 1x1 conv): U(W x) = W U(x)
+and D(W z) = W D(z). A block ``fc1 -> activation -> fc2`` made alias-free as
+``fc1 -> D(p(U(.))) -> fc2`` may therefore run as ``D(fc2(p(fc1(U(x)))))``: the same function,
+with the FFTs on the block's C channels instead of its expanded (e.g. 4C) hidden channels. This is
+how the official ConvNeXt-AFC builds its MLP. Both layers keep ``nn.Linear``'s parameters.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .poly import PolyActivation
+from .spectral import ideal_resample
+
+__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation"]
+
+
+def _share(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]):
+    new = cls.__new__(cls)
+    nn.Linear.__init__(new, linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    new.weight, new.bias = linear.weight, linear.bias
+    new.train(linear.training)
+    new.factor, new.spatial_dims = int(factor), tuple(spatial_dims)
+    return new
+
+
+class UpsampledLinear(nn.Linear):
+    """y = W U_f(x) + b: ideal up-sampling by ``factor`` along ``spatial_dims``, then the linear map
+    over the last (channel) dim. (..., H, W, C_in) -> (..., fH, fW, C_out)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]) -> "UpsampledLinear":
+        return _share(cls, linear, factor, spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [x.shape[d] * self.factor for d in self.spatial_dims]
+        return F.linear(ideal_resample(x, size, self.spatial_dims), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ideal_up={self.factor}, spatial_dims={self.spatial_dims}"
+
+
+class DownsampledLinear(nn.Linear):
+    """y = D_f(W x + b): the linear map, then ideal low-pass and down-sampling by ``factor``.
+    (..., fH, fW, C_in) -> (..., H, W, C_out)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]) -> "DownsampledLinear":
+        return _share(cls, linear, factor, spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        size = [y.shape[d] // self.factor for d in self.spatial_dims]
+        return ideal_resample(y, size, self.spatial_dims)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ideal_down={self.factor}, spatial_dims={self.spatial_dims}"
+
+
+class HighRatePolyActivation(PolyActivation):
+    """A PolyActivation meant to run between an ``UpsampledLinear`` and a ``DownsampledLinear``
+    whose factor is at least (degree + 1) / 2: pointwise here, alias-free as a whole (the audit
+    checks those neighbours in the graph)."""
