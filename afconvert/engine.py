@@ -75,6 +75,10 @@ def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
 
 
 def _judge(site: Site, rule: Rule | None, recipe: Recipe | None) -> Judgement:
+    opaque = getattr(site.node.graph.owning_module, "afconvert_opaque", {})
+    if site.node.op == "call_module" and site.node.target in opaque and site.spatial:
+        return Judgement(Verdict.UNKNOWN, f"opaque: fx cannot trace inside it ({opaque[site.node.target]}); "
+                                          f"its layers were not converted")
     if rule is not None:
         return rule.judge(site, recipe.for_family(rule.family) if recipe else {})
     if not site.spatial:
@@ -86,7 +90,8 @@ def _analyse(model: nn.Module, input_size: Sequence[int], in_chans: int, leaf_mo
              index: _RuleIndex) -> tuple[list[Site], list[str]]:
     gm = trace(model, leaf_types=index.module_types | set(leaf_modules))
     layouts, fixed_at = infer_layouts(gm, tuple(input_size), in_chans)
-    notes = []
+    notes = [f"'{path}' ({type(model.get_submodule(path)).__name__}) kept whole: fx cannot trace it ({why})"
+             for path, why in gm.afconvert_opaque.items()]
     if fixed_at:
         notes.append(f"the model runs only at input size {input_size[0]}x{input_size[1]}: node '{fixed_at}' needs a "
                      f"fixed size (layers after it were seen at one size and taken as spatially constant)")

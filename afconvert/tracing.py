@@ -29,44 +29,59 @@ def _timm_notrace_functions() -> list:
 
 
 class AFTracer(fx.Tracer):
-    """A tracer whose leaves are ``leaf_types`` (exact types), afconvert's layers and torch.nn layers."""
+    """A tracer whose leaves are ``leaf_types`` (exact types), the modules at ``opaque`` paths,
+    afconvert's layers and torch.nn layers."""
 
-    def __init__(self, leaf_types: Iterable[type] = ()):
+    def __init__(self, leaf_types: Iterable[type] = (), opaque: Iterable[str] = ()):
         super().__init__(autowrap_functions=tuple(_timm_notrace_functions()), param_shapes_constant=True)
         self.leaf_types = frozenset(leaf_types)
-        self.module_stack_names: list[str] = []
+        self.opaque = frozenset(opaque)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or type(m).__module__.startswith("afconvert."):
+        if type(m) in self.leaf_types or module_qualified_name in self.opaque:
+            return True
+        if type(m).__module__.startswith("afconvert."):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        path = self.path_of_module(m)
-        self.module_stack_names.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             if not hasattr(exc, "afconvert_module_path"):  # the innermost module is where it failed
-                exc.afconvert_module_path = path
+                exc.afconvert_module_path = self.path_of_module(m)
             raise
-        finally:
-            self.module_stack_names.pop()
 
 
-def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise ``UntraceableModelError`` naming where and why it fails."""
-    tracer = AFTracer(leaf_types)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; report them all the same way
-        where = getattr(exc, "afconvert_module_path", "")
-        inner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
-        where = where or "<top-level forward>"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UntraceableModelError(
-            f"cannot trace {type(model).__name__}: module '{where}' ({inner}) does data-dependent Python "
-            f"control flow or calls untraceable code ({type(exc).__name__}: {reason}); "
-            f"fix: register that module as a leaf (convert(..., leaf_modules=[{inner}])) or make its forward traceable"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def trace(model: nn.Module, leaf_types: Iterable[type] = (), fallback: bool = True) -> fx.GraphModule:
+    """Symbolically trace ``model``.
+
+    A submodule whose forward cannot be traced (data-dependent control flow, untraceable calls) is
+    kept whole as an *opaque* leaf, when ``fallback``: the graph then has one node for it, and
+    ``gm.afconvert_opaque`` maps its path to the reason (the converter reports such a module, it
+    never certifies it). A failure outside any submodule raises ``UntraceableModelError``.
+    """
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = AFTracer(leaf_types, opaque)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:  # fx raises many types; report them all the same way
+            where = getattr(exc, "afconvert_module_path", "")
+            if fallback and where and where not in opaque:
+                opaque[where] = _reason(exc)
+                continue
+            inner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+            raise UntraceableModelError(
+                f"cannot trace {type(model).__name__}: {'module ' + repr(where) if where else 'its forward'} "
+                f"({inner}) does data-dependent Python control flow or calls untraceable code ({_reason(exc)}); "
+                f"fix: make that forward traceable, or pass leaf_modules=[{inner}] to keep it whole") from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.afconvert_opaque = opaque
+    return gm

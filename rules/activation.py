@@ -101,7 +101,11 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
         return {pair[0].target: UpsampledLinear.from_linear(modules[pair[0].target], factor, x.spatial_dims),
                 site.node.target: HighRatePolyActivation.fitted(fn, x.channels, degree, rng, **kwargs),
                 pair[1].target: DownsampledLinear.from_linear(modules[pair[1].target], factor, x.spatial_dims)}
-    return AliasFreePolyActivation.fitted(fn, x.channels, degree, rng, spatial_dims=x.spatial_dims, **kwargs)
+    # a module called at several places (torchvision's ResNet: one self.relu for all) may see several
+    # channel counts: it gets one polynomial shared by all channels, fitted the same way
+    calls = sum(1 for n in site.node.graph.nodes if n.op == "call_module" and n.target == site.node.target)
+    channels = 1 if calls > 1 else x.channels
+    return AliasFreePolyActivation.fitted(fn, channels, degree, rng, spatial_dims=x.spatial_dims, **kwargs)
 
 
 RULES = [

@@ -14,18 +14,20 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
+from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
 
 from afconvert.norm import AliasFreeLayerNorm
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
-LAYERNORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+LAYERNORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, TorchvisionLayerNorm2d)
+CHANNELS_FIRST = (LayerNorm2d, TorchvisionLayerNorm2d)
 
 
 def _normalised_dim(site: Site) -> int | None:
     """The dim a LayerNorm normalises: 1 for LayerNorm2d (channels first), the last dim otherwise."""
     if site.x is None:
         return None
-    return 1 if isinstance(site.module, LayerNorm2d) else len(site.x.shape) - 1
+    return 1 if isinstance(site.module, CHANNELS_FIRST) else len(site.x.shape) - 1
 
 
 def _judge_layernorm(site: Site, options: dict) -> Judgement:

@@ -7,7 +7,11 @@
 * Linear layers act pointwise on channels-last maps (exact); on a flattened map (a VGG head)
   they weigh each position differently: not shift-invariant.
 * A mean over both spatial dims (global average pooling) keeps the DC bin only: exactly
-  invariant. A global max is invariant to integer shifts only.
+  invariant. A global max is invariant to integer shifts only. An L2 norm over H and W (global
+  response norm) is invariant by Parseval.
+* Indexing is exact when it selects channels or batch items and keeps H and W whole; slicing or
+  striding a spatial dim samples the map: not alias-free.
+* Stochastic depth drops whole samples (identity at eval): exact.
 """
 from __future__ import annotations
 
@@ -17,17 +21,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, SelectAdaptivePool2d
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 from afconvert.highrate import DownsampledLinear, UpsampledLinear
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
 EXACT_LINEAR = (operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
                 torch.stack, "add", "sub", "add_", "neg", "contiguous", "clone", "to", "float", "type_as",
-                "chunk", "split", torch.chunk, torch.split, operator.getitem, nn.Identity, nn.Dropout, nn.Dropout2d,
-                DropPath, F.dropout, "__getitem__")
+                "chunk", "split", torch.chunk, torch.split, nn.Identity, nn.Dropout, nn.Dropout2d,
+                DropPath, F.dropout, StochasticDepth, stochastic_depth)
+INDEXING = (operator.getitem,)
 SHAPE_OPS = ("permute", "reshape", "view", "flatten", "transpose", "squeeze", "unsqueeze", torch.flatten,
              torch.permute, torch.reshape, torch.transpose, nn.Flatten)
-PRODUCTS = (operator.mul, torch.mul, "mul", "mul_")
+PRODUCTS = (operator.mul, torch.mul, "mul", "mul_", torch.addcmul, "addcmul")
+SPATIAL_NORMS = ("norm", torch.norm, torch.linalg.vector_norm)
 QUOTIENTS = (operator.truediv, torch.div, "div", "div_")
 SPATIAL_MEANS = ("mean", torch.mean, F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d)
 METADATA = ("size", "dim", getattr, "ndim")
@@ -52,7 +59,8 @@ def _judge_shape(site: Site, options: dict) -> Judgement:
 
 
 def _judge_product(site: Site, options: dict) -> Judgement:
-    spatial = [lay for lay in site.inputs if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
+    factors = site.inputs[1:] if site.op == "addcmul" else site.inputs  # addcmul(c, a, b) = c + a * b
+    spatial = [lay for lay in factors if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
     if len(spatial) <= 1:
         return Judgement(Verdict.EXACT, "product with a spatially constant factor (gate or scale)")
     return Judgement(Verdict.NOT, "product of two spatial maps: a quadratic at the input rate aliases")
@@ -63,6 +71,29 @@ def _judge_quotient(site: Site, options: dict) -> Judgement:
     if divisor is None or not getattr(divisor, "is_spatial", False):
         return Judgement(Verdict.EXACT, "division by a spatially constant value")
     return Judgement(Verdict.NOT, "division by a spatial map: a pointwise nonlinearity")
+
+
+def _judge_indexing(site: Site, options: dict) -> Judgement:
+    x, index = site.x, site.node.args[1] if len(site.node.args) > 1 else None
+    if x is None or not x.is_spatial or not isinstance(index, tuple):
+        return Judgement(Verdict.EXACT, "selects items of a sequence or along a non-spatial dim")
+    for dim, idx in enumerate(index):
+        if idx is Ellipsis:
+            break  # dims after an ellipsis: counted from the end, checked below
+        if dim < len(x.roles) and x.roles[dim] and idx != slice(None):
+            return Judgement(Verdict.NOT, f"indexes spatial dim {dim} with {idx!r}: samples the map")
+    if Ellipsis in index:
+        tail = index[index.index(Ellipsis) + 1:]
+        for offset, idx in enumerate(reversed(tail), start=1):
+            if x.roles[-offset] and idx != slice(None):
+                return Judgement(Verdict.NOT, f"indexes spatial dim {len(x.roles) - offset} with {idx!r}: samples the map")
+    return Judgement(Verdict.EXACT, "selects channels or items, H and W kept whole")
+
+
+def _judge_spatial_norm(site: Site, options: dict) -> Judgement:
+    if site.output is not None and not site.output.is_spatial:
+        return Judgement(Verdict.EXACT, "L2 norm over H, W: invariant (Parseval)")
+    return Judgement(Verdict.NOT, "a norm over some but not all of H, W, or per pixel: a nonlinearity")
 
 
 def _judge_mean(site: Site, options: dict) -> Judgement:
@@ -102,6 +133,8 @@ def _judge_metadata(site: Site, options: dict) -> Judgement:
 
 RULES = [
     Rule(name="linear-op", family="structural", targets=EXACT_LINEAR, judge=_judge_linear_op),
+    Rule(name="indexing", family="structural", targets=INDEXING, judge=_judge_indexing),
+    Rule(name="spatial-norm", family="structural", targets=SPATIAL_NORMS, judge=_judge_spatial_norm),
     Rule(name="shape", family="structural", targets=SHAPE_OPS, judge=_judge_shape),
     Rule(name="product", family="structural", targets=PRODUCTS, judge=_judge_product),
     Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient),

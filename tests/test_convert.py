@@ -10,6 +10,7 @@ import afconvert
 from afconvert import NotAliasFreeError, UntraceableModelError
 from afconvert.rule import Verdict
 from afconvert.shift_check import random_input, relative_logit_change
+from afconvert.tracing import trace
 
 from conftest import randomize_
 
@@ -171,9 +172,27 @@ class Branchy(nn.Module):
         return -x
 
 
-def test_untraceable_model_is_reported_with_module_and_reason():
-    with pytest.raises(UntraceableModelError, match=r"module 'body' \(Branchy\).*control flow"):
-        afconvert.convert(Untraceable(), input_size=(8, 8))
+class BranchyTop(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_untraceable_submodule_is_kept_whole_and_reported():
+    model = afconvert.convert(Untraceable(), input_size=(8, 8))
+    report = model.afconvert_report
+    assert report.verdict is Verdict.UNKNOWN
+    assert [f.node for f in report.offenders] == ["body"]
+    assert "opaque" in report.offenders[0].reason and "control flow" in report.offenders[0].reason
+    assert any("'body' (Branchy) kept whole" in n for n in report.notes)
+    with pytest.raises(NotAliasFreeError, match="body"):
+        afconvert.convert(Untraceable(), input_size=(8, 8), strict=True)
+    with pytest.raises(UntraceableModelError, match=r"module 'body' \(Branchy\).*control flow.*fix"):
+        trace(Untraceable(), fallback=False)
+
+
+def test_untraceable_top_level_forward_is_a_clear_error():
+    with pytest.raises(UntraceableModelError, match=r"its forward \(BranchyTop\).*control flow.*fix"):
+        afconvert.convert(BranchyTop(), input_size=(8, 8))
 
 
 def test_wrong_input_size_is_a_clear_error():
