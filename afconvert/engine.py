@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .calibrate import calibration_batches, recalibrate_batchnorm
 from .layout import Layout, infer_layouts
 from .recipes import Recipe, all_rules, load_recipe
 from .report import Finding, NotAliasFreeError, Report
@@ -143,12 +144,14 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
 
 def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence[int] | None = None,
             strict: bool = False, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
-            options: dict | None = None) -> nn.Module:
+            options: dict | None = None, calibration: torch.Tensor | None = None) -> nn.Module:
     """Return an alias-free copy of ``model`` (same class, same state_dict keys for kept weights).
 
     ``recipe``: a shipped recipe name (``afc``, ``afc-paper``) or a path to a TOML recipe;
     ``options``: per-family overrides, e.g. ``{"activation": {"degree": 3}}``. ``input_size``:
-    an (H, W) the model runs at, for layout inference (default 64x64). The per-layer report is
+    an (H, W) the model runs at, for layout inference (default 64x64). ``calibration``: images
+    (N, C, H, W) for re-estimating BatchNorm statistics when the recipe asks (``norm.recalibrate``;
+    random inputs otherwise). The per-layer report is
     ``result.afconvert_report``; ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
     that are not exactly alias-free.
     """
@@ -181,6 +184,13 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         out.set_submodule(name, news[0])
         swapped.add(name)
 
+    norm_opts = rec.for_family("norm")
+    if norm_opts.get("recalibrate", False) and swapped:
+        count = recalibrate_batchnorm(out, calibration_batches(calibration, input_size, in_chans))
+        if count:
+            source = f"{len(calibration)} calibration images" if calibration is not None else \
+                f"random inputs at {input_size[0]}x{input_size[1]} (pass calibration images for real statistics)"
+            notes.append(f"{count} BatchNorm layers re-estimated for the converted activations on {source}")
     out.train(was_training)
     out.afconvert_info = {"recipe": rec.name, "options": rec.options, "input_size": list(input_size),
                           "in_chans": in_chans}
