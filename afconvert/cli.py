@@ -111,7 +111,12 @@ def _run_recipes(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"audit": _run_audit, "recipes": _run_recipes}
+def _run_eval(argv: list[str]) -> int:
+    from .evaluate import run
+    return run(argv)
+
+
+COMMANDS = {"audit": _run_audit, "recipes": _run_recipes, "eval": _run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
