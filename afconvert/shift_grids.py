@@ -152,7 +152,7 @@ def _int(value: str, token: str, minimum: int | None = None) -> int:
     except ValueError:
         raise GridSpecError(f"bad grid spec '{token}': '{value}' is not an integer; {_USAGE}") from None
     if minimum is not None and v < minimum:
-        raise GridSpecError(f"bad grid spec '{token}': needs a value >= {minimum}")
+        raise GridSpecError(f"bad grid spec '{token}': needs a value >= {minimum}; {_USAGE}")
     return v
 
 
@@ -163,7 +163,7 @@ def _range(value: str, token: str) -> tuple[int, int]:
     else:
         lo, hi = 0, _int(value, token, 0)
     if lo > hi:
-        raise GridSpecError(f"bad grid spec '{token}': empty range {lo}..{hi}")
+        raise GridSpecError(f"bad grid spec '{token}': empty range {lo}..{hi}; fix: LO <= HI, e.g. integer:0..3")
     return lo, hi
 
 
