@@ -16,7 +16,26 @@ import torch.nn as nn
 
 from .shift_check import random_input
 
-__all__ = ["recalibrate_batchnorm", "calibration_batches"]
+__all__ = ["recalibrate_batchnorm", "calibration_batches", "load_calibration_images"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_calibration_images(folder, model: nn.Module, input_size: Sequence[int], limit: int = 64) -> torch.Tensor:
+    """Up to ``limit`` images found under ``folder``, with the model's own timm eval transform
+    (resize, centre crop to ``input_size``, its mean/std): (N, C, H, W)."""
+    from pathlib import Path
+
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; fix: point --calibration "
+                                f"at a folder of images like the ones the model will see")
+    config = resolve_data_config({"input_size": (3, *input_size), "crop_pct": 1.0}, model=model)
+    transform = create_transform(**config)
+    return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
 
 
 def calibration_batches(data: torch.Tensor | None, input_size: Sequence[int], in_chans: int, batches: int = 4,
@@ -43,7 +62,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         bn.momentum = None
         bn.train()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         for x in batches:
             model(x.to(device=device, dtype=dtype))

@@ -31,6 +31,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the converted model (.pt)")
     p.add_argument("--recipe", default="afc", help="shipped recipe name or a .toml file (see `afconvert recipes`)")
+    p.add_argument("--calibration", metavar="DIR", help="images to re-estimate BatchNorm statistics on (default: noise)")
     p.add_argument("--strict", action="store_true", help="fail if any layer is not exactly alias-free")
     p.add_argument("--table", action="store_true", help="print the per-layer table")
     p.add_argument("--no-check", action="store_true", help="skip the empirical shift check")
@@ -61,7 +62,7 @@ def _run_convert(argv: list[str]) -> int:
         raise ValueError(f"--out {out} is a directory; fix: give a file path such as {out / 'model.pt'}")
     t0 = time.perf_counter()
     built = build(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
-                  input_size=args.input_size, **_model_kwargs(args))
+                  input_size=args.input_size, calibration=args.calibration, **_model_kwargs(args))
     report = built.converted.afconvert_report
     print(f"source: {built.spec.library}:{built.spec.name}   weights: {built.spec.weights}")
     for note in built.notes:

@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -113,9 +114,20 @@ def _model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+def _reaching_output(graph: fx.Graph) -> set[str]:
+    """Names of the nodes on some path to the output: only those can make the logits alias."""
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n.name)
+        g.add_edges_from((a.name, n.name) for a in n.all_input_nodes)
+    out = [n.name for n in graph.nodes if n.op == "output"]
+    return set().union(*(nx.ancestors(g, o) for o in out)) if out else set(g)
+
+
 def _findings(sites: list[Site], index: _RuleIndex, recipe: Recipe | None) -> list[Finding]:
+    live = _reaching_output(sites[0].node.graph) if sites else set()
     return [Finding(node=s.name, op=s.op, verdict=(j := _judge(s, index.match(s), recipe)).verdict,
-                    reason=j.reason, spatial=s.spatial) for s in sites]
+                    reason=j.reason, spatial=s.spatial and s.node.name in live) for s in sites]
 
 
 def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: int | None = None,
@@ -189,7 +201,8 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         count = recalibrate_batchnorm(out, calibration_batches(calibration, input_size, in_chans))
         if count:
             source = f"{len(calibration)} calibration images" if calibration is not None else \
-                f"random inputs at {input_size[0]}x{input_size[1]} (pass calibration images for real statistics)"
+                f"random inputs at {input_size[0]}x{input_size[1]} (pass calibration images, --calibration DIR, " \
+                f"for real statistics)"
             notes.append(f"{count} BatchNorm layers re-estimated for the converted activations on {source}")
     out.train(was_training)
     out.afconvert_info = {"recipe": rec.name, "options": rec.options, "input_size": list(input_size),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .poly import PolyActivation
 from .spectral import ideal_resample
 
-__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation"]
+__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation", "IdealUpsample"]
 
 
 def _share(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]):
@@ -67,3 +67,18 @@ class HighRatePolyActivation(PolyActivation):
     """A PolyActivation meant to run between an ``UpsampledLinear`` and a ``DownsampledLinear``
     whose factor is at least (degree + 1) / 2: pointwise here, alias-free as a whole (the audit
     checks those neighbours in the graph)."""
+
+
+class IdealUpsample(nn.Module):
+    """Ideal (sinc) up-sampling by an integer ``factor`` of NCHW maps: replaces nearest/bilinear
+    up-sampling, whose interpolation kernels leave spectral images of the signal (aliases)."""
+
+    def __init__(self, factor: int | Sequence[int] = 2):
+        super().__init__()
+        self.factor = (factor, factor) if isinstance(factor, int) else tuple(int(f) for f in factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ideal_resample(x, [x.shape[-2] * self.factor[0], x.shape[-1] * self.factor[1]], (-2, -1))
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"

@@ -101,6 +101,7 @@ def infer_layouts(gm: fx.GraphModule, input_size: tuple[int, int], in_chans: int
     h, w = input_size
     runs, fixed_at = [], None
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), dtype)
     for i, size in enumerate(((h, w), (2 * h, w), (h, 2 * w))):
         rec = _Recorder(gm)
         x = torch.randn(1, in_chans, *size, dtype=dtype, device=device)

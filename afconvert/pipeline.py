@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from .engine import convert
+from .calibrate import load_calibration_images
+from .engine import DEFAULT_PROBE_SIZE, convert
 from .keymaps import official_afc
 from .recipes import Recipe
 from .models import ModelSourceError, SourceSpec, create_source_model, read_state_dict
@@ -29,7 +30,8 @@ def _attach(converted: nn.Module, spec: SourceSpec) -> None:
 
 
 def build(name: str, weights: str | Path | None = None, pretrained: bool = True, recipe: str = "afc",
-          input_size: Sequence[int] | None = None, options: dict | None = None, **model_kwargs) -> Built:
+          input_size: Sequence[int] | None = None, options: dict | None = None,
+          calibration: str | Path | None = None, **model_kwargs) -> Built:
     """Create source model ``name`` with its weights and convert it.
 
     An official AFC checkpoint given as ``weights`` is recognised by its layout: the source is
@@ -64,7 +66,10 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
     source, spec = create_source_model(name, weights=weights, pretrained=pretrained, **model_kwargs)
     if spec.name != name.split(":")[-1]:
         notes.append(f"'{name}' built as timm '{spec.name}' ({spec.weights})")
-    converted = convert(source, recipe, input_size=input_size, options=options)
+    images = None
+    if calibration is not None:
+        images = load_calibration_images(calibration, source, tuple(input_size or DEFAULT_PROBE_SIZE))
+    converted = convert(source, recipe, input_size=input_size, options=options, calibration=images)
     _attach(converted, spec)
     return Built(source, converted, spec, recipe, notes)
 

@@ -20,7 +20,7 @@ class Finding:
     reason: str
     replaced_by: str | None = None  # class of the replacement, when the converter swapped it
     before: Verdict | None = None   # the verdict of the source op, when it was replaced
-    spatial: bool = True            # the node touches spatially varying tensors
+    spatial: bool = True            # the node touches spatially varying tensors on a path to the output
 
     def to_dict(self) -> dict:
         d = asdict(self)

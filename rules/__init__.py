@@ -3,4 +3,4 @@
 One module per layer family, each exporting ``RULES`` (see ``afconvert.rule.Rule``), each
 rule's docstring stating the maths; and recipes (``*.toml``) choosing the options per family.
 """
-FAMILIES = ("conv", "activation", "norm", "pooling", "structural")
+FAMILIES = ("conv", "activation", "norm", "pooling", "upsampling", "structural")

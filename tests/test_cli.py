@@ -66,3 +66,15 @@ def test_efficientnet_lite0_real_weights(tmp_path, capsys):
     assert "verdict: certified" in text
     model = afconvert.load(out)
     assert model.afconvert_info["source"]["name"] == "tf_efficientnet_lite0"
+
+
+def test_calibration_images(tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(skimage_data, name)()).save(tmp_path / f"{name}.png")
+    assert main(["resnet18", "--no-pretrained", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.pt"),
+                 "--no-check"]) == 0
+    assert "re-estimated for the converted activations on 2 calibration images" in capsys.readouterr().out
+    assert main(["resnet18", "--no-pretrained", "--calibration", str(tmp_path / "none"), "--out", "x.pt"]) == 2
+    assert "no images" in capsys.readouterr().err

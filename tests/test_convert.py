@@ -209,6 +209,16 @@ def test_unknown_op_is_never_certified():
     assert report.verdict is Verdict.UNKNOWN and "no rule knows" in report.verdict_text
 
 
+def test_dead_branches_do_not_count():
+    class DeadBranch(nn.Module):
+        def forward(self, x):
+            torch.sort(x, dim=-1)  # computed, never used: cannot reach the logits
+            return x.mean((2, 3))
+
+    report = afconvert.audit(DeadBranch(), input_size=(8, 8), in_chans=3, check=False)
+    assert report.verdict is Verdict.EXACT
+
+
 def test_unknown_recipe_suggests_close_names():
     with pytest.raises(ValueError, match="did you mean afc"):
         afconvert.convert(FlattenHead(), recipe="afcc", input_size=(16, 16))
@@ -220,3 +230,28 @@ def test_training_mode_is_kept_and_gradients_flow(source):
     assert model.training
     model(random_input(2, 3, (64, 64))).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+class Fusion(nn.Module):
+    """HRNet-style fusion: a low-resolution branch up-sampled (nearest) and added to the high one."""
+
+    def __init__(self):
+        super().__init__()
+        self.high = nn.Conv2d(3, 4, 3, padding=1)
+        self.low = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.act = nn.GELU()
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.high(x) + self.up(self.low(x))).mean((2, 3)))
+
+
+def test_nearest_upsampling_becomes_ideal():
+    source = randomize_(Fusion()).double().eval()
+    model = afconvert.convert(source, input_size=(16, 16))
+    assert ("Upsample", "IdealUpsample") in {(f.op, f.replaced_by) for f in model.afconvert_report.replaced}
+    assert model.afconvert_report.verdict is Verdict.EXACT
+    x = random_input(2, 3, (16, 24), torch.float64)
+    assert max(relative_logit_change(model, x, FRACTIONAL).values()) < 1e-10
+    assert max(relative_logit_change(source, x, FRACTIONAL).values()) > 1e-3
