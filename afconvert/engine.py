@@ -154,6 +154,37 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     return report
 
 
+@torch.no_grad()
+def _measure_inputs(model: nn.Module, sites: list[Site], data: torch.Tensor) -> None:
+    """Per-channel mean/std of each site's input on ``data`` (forward hooks on the source model)."""
+    sums: dict[str, list] = {}
+    handles = []
+    for site in sites:
+        x = site.x
+        if site.module is None or x is None or x.channel_dim is None:
+            continue
+
+        def hook(mod, args, out, name=site.name, cd=x.channel_dim):
+            t = args[0].detach().double().movedim(cd, 0).flatten(1)
+            acc = sums.setdefault(name, [0, 0.0, 0.0])
+            acc[0] += t.shape[1]
+            acc[1] = acc[1] + t.sum(1)
+            acc[2] = acc[2] + (t * t).sum(1)
+        handles.append(site.module.register_forward_hook(hook))
+    try:
+        p = next(model.parameters())
+        for batch in torch.split(data, 8):
+            model(batch.to(device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        if site.name in sums:
+            n, s1, s2 = sums[site.name]
+            mean = s1 / n
+            site.stats = (mean, (s2 / n - mean ** 2).clamp_min(0).sqrt())
+
+
 def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence[int] | None = None,
             strict: bool = False, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
             options: dict | None = None, calibration: torch.Tensor | None = None) -> nn.Module:
@@ -163,7 +194,8 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     ``options``: per-family overrides, e.g. ``{"activation": {"degree": 3}}``. ``input_size``:
     an (H, W) the model runs at, for layout inference (default 64x64). ``calibration``: images
     (N, C, H, W) for re-estimating BatchNorm statistics when the recipe asks (``norm.recalibrate``;
-    random inputs otherwise). The per-layer report is
+    random inputs otherwise) and for fitting each activation's polynomial per channel to the
+    measured distribution of its input. The per-layer report is
     ``result.afconvert_report``; ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
     that are not exactly alias-free.
     """
@@ -176,6 +208,9 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     out.eval()
     sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
+    if calibration is not None:
+        _measure_inputs(out, [s for s in sites if index.match(s) is not None and index.match(s).family == "activation"],
+                        calibration)
 
     swaps: dict[str, list[nn.Module]] = {}
     for site in sites:

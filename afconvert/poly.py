@@ -21,6 +21,7 @@ __all__ = [
     "LowpassPolyActivation",
     "ResidualActivation",
     "fit_polynomial",
+    "fit_polynomial_per_channel",
     "upsampling_factor",
 ]
 
@@ -65,6 +66,19 @@ class _InitialisedByConversion(nn.Module):
                                       error_msgs)
 
 
+def fit_polynomial_per_channel(fn: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
+                               degree: int = 2, points: int = 121) -> torch.Tensor:
+    """Per-channel least squares under each channel's measured input distribution N(mean_c, std_c^2):
+    minimises sum_t w(t) (p_c(mean_c + std_c t) - fn(mean_c + std_c t))^2, w(t) = exp(-t^2 / 2),
+    t uniform on [-3, 3]. Returns (C, degree + 1) coefficients, float64."""
+    t = torch.linspace(-3.0, 3.0, points, dtype=torch.float64)
+    w = torch.exp(-t ** 2 / 2).sqrt()
+    x = mean.double()[:, None] + std.double().clamp_min(1e-6)[:, None] * t[None, :]        # (C, P)
+    y = fn(x.clone()).double()
+    vander = torch.stack([x ** k for k in range(degree + 1)], dim=-1) * w[None, :, None]    # (C, P, d+1)
+    return torch.linalg.lstsq(vander, (y * w[None, :]).unsqueeze(-1)).solution.squeeze(-1)
+
+
 def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[channel_dim] = v.numel()
@@ -104,13 +118,19 @@ class PolyActivation(_InitialisedByConversion):
 
     @classmethod
     def fitted(cls, fn: Callable, channels: int, degree: int = 2, input_range=(-3.0, 3.0),
-               in_scale: float = 1.0, out_scale: float = 1.0, **kwargs) -> "PolyActivation":
-        """A polynomial initialised to the least-squares fit of ``fn`` (see ``fit_polynomial``).
+               in_scale: float = 1.0, out_scale: float = 1.0, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+               **kwargs) -> "PolyActivation":
+        """A polynomial initialised to the least-squares fit of ``fn``: over ``input_range``
+        (``fit_polynomial``), or per channel over measured input statistics ``stats`` = (mean, std)
+        of shape (C,) (``fit_polynomial_per_channel``).
 
         The stored coefficients absorb the scales: coef_k = a_k / (s_out s_in^k)."""
-        a = fit_polynomial(fn, degree, input_range)
-        coef = [a_k / (out_scale * in_scale ** k) for k, a_k in enumerate(a)]
-        return cls(channels, degree, coef, in_scale=in_scale, out_scale=out_scale, **kwargs)
+        if stats is not None and stats[0].numel() == channels:
+            a = fit_polynomial_per_channel(fn, stats[0], stats[1], degree)
+        else:
+            a = torch.tensor(fit_polynomial(fn, degree, input_range), dtype=torch.float64)
+        powers = torch.tensor([out_scale * in_scale ** k for k in range(degree + 1)], dtype=torch.float64)
+        return cls(channels, degree, (a / powers).float(), in_scale=in_scale, out_scale=out_scale, **kwargs)
 
     def effective_coef(self, dtype: torch.dtype) -> torch.Tensor:
         """a[c, k] = s_out coef[c, k] s_in^k: the polynomial in x itself, (C, degree + 1)."""

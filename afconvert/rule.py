@@ -46,6 +46,7 @@ class Site:
     inputs: list[Layout | None]         # layouts of the tensor arguments, in order
     output: Layout | None
     reads_input: bool = False           # an argument is the model's input itself
+    stats: tuple | None = None          # per-channel (mean, std) of the first input on calibration data
 
     @property
     def name(self) -> str:

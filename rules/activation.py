@@ -6,8 +6,9 @@ evaluated on the signal ideally up-sampled by u >= (d+1)/2, then ideally low-pas
 back to the input rate, it commutes with every circular shift (``AliasFreePolyActivation``).
 
 Conversion: each activation on a spatial tensor becomes that polynomial, per channel, initialised
-to the least-squares fit of the original activation over ``fit_range`` (the fit is exact for
-nothing but polynomials, so the converted network needs fine-tuning). Activations on spatially
+to the least-squares fit of the original activation over ``fit_range``, or, given calibration
+data, per channel under the measured distribution of its input, N(mean_c, std_c^2) (the fit is
+exact for nothing but polynomials, so the converted network needs fine-tuning). Activations on spatially
 constant tensors (after global pooling, squeeze-excite gates) are already shift-invariant: kept.
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
     rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
     fn = act.eval()  # the module itself is the function to fit
     kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
-                  train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim)
+                  train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim,
+                  stats=site.stats)  # measured on calibration data: a per-channel fit
     pair = _linear_neighbours(site) if options.get("fuse_linear", True) else None
     if pair is not None and x.channel_dim == len(x.shape) - 1:
         # fc1 -> act -> fc2 on channels-last maps: up-sample before fc1, down-sample after fc2 (exact, fewer FFTs)

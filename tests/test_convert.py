@@ -255,3 +255,14 @@ def test_nearest_upsampling_becomes_ideal():
     x = random_input(2, 3, (16, 24), torch.float64)
     assert max(relative_logit_change(model, x, FRACTIONAL).values()) < 1e-10
     assert max(relative_logit_change(source, x, FRACTIONAL).values()) > 1e-3
+
+
+def test_calibration_fits_each_channel_to_its_measured_inputs():
+    source = randomize_(timm.create_model("resnet18", num_classes=5)).eval()
+    images = random_input(8, 3, (64, 64), seed=7)
+    model = afconvert.convert(source, calibration=images)
+    coef = model.act1.coef  # the stem activation: one polynomial per channel, no two alike
+    assert coef.shape[0] == 64 and torch.unique(coef[:, 2]).numel() == 64
+    generic = afconvert.convert(source).act1.coef
+    assert torch.unique(generic[:, 2]).numel() == 1
+    assert any("on 8 calibration images" in n for n in model.afconvert_report.notes)

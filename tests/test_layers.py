@@ -125,3 +125,13 @@ def test_alias_free_layernorm(size):
         assert _equivariance_error(af, x, *shift) < 1e-10
         assert _equivariance_error(per_pixel, x, *shift) > 1e-3
     assert set(af.state_dict()) == {"weight", "bias"}
+
+
+def test_per_channel_fit_follows_the_measured_distribution():
+    mean, std = torch.tensor([-2.0, 0.0, 3.0]), torch.tensor([0.5, 1.0, 0.2])
+    p = PolyActivation.fitted(F.relu, channels=3, stats=(mean, std))
+    x = (mean + std * torch.randn(2000, 3)).T.reshape(1, 3, 1, 2000)
+    err_fit = (p(x) - F.relu(x)).pow(2).mean((0, 2, 3))
+    generic = PolyActivation.fitted(F.relu, channels=3)
+    err_generic = (generic(x) - F.relu(x)).pow(2).mean((0, 2, 3))
+    assert (err_fit < err_generic).all() and err_fit[2] < 1e-8  # channel 2 lives where ReLU is linear
