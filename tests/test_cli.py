@@ -78,3 +78,12 @@ def test_calibration_images(tmp_path, capsys):
     assert "re-estimated for the converted activations on 2 calibration images" in capsys.readouterr().out
     assert main(["resnet18", "--no-pretrained", "--calibration", str(tmp_path / "none"), "--out", "x.pt"]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_torchvision_model_and_audit_of_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tv.pt"
+    assert main(["torchvision:resnet18", "--no-pretrained", "--num-classes", "4", "--out", str(out), "--no-check"]) == 0
+    assert "verdict: certified" in capsys.readouterr().out
+    assert main(["audit", str(out), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "exact" and max(report["check"]["models"]["model"].values()) < 1e-4  # float32

@@ -266,3 +266,15 @@ def test_calibration_fits_each_channel_to_its_measured_inputs():
     generic = afconvert.convert(source).act1.coef
     assert torch.unique(generic[:, 2]).numel() == 1
     assert any("on 8 calibration images" in n for n in model.afconvert_report.notes)
+
+
+def test_max_pool_options_exact_and_approximate():
+    source = randomize_(timm.create_model("resnet18", num_classes=5)).double().eval()
+    exact = afconvert.convert(source)
+    approx = afconvert.convert(source, options={"pool": {"max": "max"}})
+    assert exact.afconvert_report.verdict is Verdict.EXACT
+    assert approx.afconvert_report.verdict is Verdict.APPROX
+    assert [f.node for f in approx.afconvert_report.offenders] == ["maxpool"]
+    x = random_input(2, 3, (64, 64), torch.float64)
+    assert max(relative_logit_change(exact, x, FRACTIONAL).values()) < 1e-10
+    assert max(relative_logit_change(approx, x, FRACTIONAL).values()) > 1e-10  # measurably not exact
