@@ -33,6 +33,7 @@ def plot_results(results: Sequence[dict], path: str | Path, title: str | None = 
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .evaluate import write_atomic
 
@@ -71,6 +72,7 @@ def plot_results(results: Sequence[dict], path: str | Path, title: str | None = 
     ax2.set_ylabel("top-1 accuracy (%)")
     ax2.set_title("crop-shift (camera translation)", fontsize=10)
     ax2.set_ylim(-3, 103)
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
     if results:

@@ -14,6 +14,15 @@ from afconvert.spectral import fractional_shift, ideal_downsample, zero_nyquist
 from conftest import randomize_
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cos_images(phases, n=8):
     """x_i[r, c] = cos(2 pi (r - p_i) / n): one frequency below Nyquist, constant along columns."""
     r = torch.arange(n, dtype=torch.float64).view(1, 1, n, 1)
