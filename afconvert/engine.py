@@ -154,6 +154,27 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     return report
 
 
+def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, functional: dict[fx.Node, nn.Module]
+                        ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Apply the module swaps to the traced graph module and turn each converted functional call
+    (``F.relu(x)``) into a call of its replacement module, registered as ``<node>_af``."""
+    for name in swapped:
+        gm.set_submodule(name, swaps[name][0])
+    rewritten = {}
+    for node, module in functional.items():
+        name = f"{node.name}_af"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        target = node.target
+        rewritten[name] = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    gm.graph.lint()
+    gm.recompile()
+    return gm, rewritten
+
+
 @torch.no_grad()
 def _measure_inputs(model: nn.Module, sites: list[Site], data: torch.Tensor) -> None:
     """Per-channel mean/std of each site's input on ``data`` (forward hooks on the source model)."""
@@ -213,23 +234,34 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
                         calibration)
 
     swaps: dict[str, list[nn.Module]] = {}
+    functional: dict[fx.Node, nn.Module] = {}
     for site in sites:
         rule = index.match(site)
-        if rule is None or rule.convert is None or site.module is None:
+        if rule is None or rule.convert is None:
             continue
         new = rule.convert(site, rec.for_family(rule.family))
+        if new is None:
+            continue
+        if site.module is None:  # a functional call: becomes a module call in the graph
+            functional[site.node] = new
+            continue
         if isinstance(new, nn.Module):
             new = {site.node.target: new}
-        for name, module in (new or {}).items():  # a rule may replace the site's neighbours too
+        for name, module in new.items():  # a rule may replace the site's neighbours too
             swaps.setdefault(name, []).append(module)
-    notes, swapped = [], set()
+    notes, swapped = [], {}
     for name, news in swaps.items():
         if len({repr(m) for m in news}) > 1:
             notes.append(f"'{name}' is one module called at {len(news)} places with different layouts: not converted "
                          f"(give each call its own module)")
             continue
         out.set_submodule(name, news[0])
-        swapped.add(name)
+        swapped[name] = type(model.get_submodule(name)).__name__
+    if functional:
+        out, rewritten = _rewrite_functional(sites[0].node.graph.owning_module, swaps, swapped, functional)
+        swapped.update(rewritten)
+        notes.append(f"{len(functional)} functional call(s) rewritten as modules: the result is a torch.fx "
+                     f"GraphModule traced in eval mode (its forward is the traced graph)")
 
     norm_opts = rec.for_family("norm")
     if norm_opts.get("recalibrate", False) and swapped:
@@ -246,9 +278,10 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     report.recipe = rec.name
     report.notes.extend(notes)
     src_before = {s.name: before[id(s.node)] for s in sites}
+    src_before.update({f"{n.name}_af": before[id(n)] for n in functional})
     for f in report.findings:
         if f.node in swapped:
-            f.op = type(model.get_submodule(f.node)).__name__
+            f.op = swapped[f.node]
             f.replaced_by = type(out.get_submodule(f.node)).__name__
             f.before = src_before[f.node].verdict
     out.afconvert_report = report

@@ -13,10 +13,11 @@ constant tensors (after global pooling, squeeze-excite gates) are already shift-
 """
 from __future__ import annotations
 
-import torch.nn as nn
-from timm.layers import activations as timm_act
-
+import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import activations as timm_act
 
 from afconvert.highrate import DownsampledLinear, HighRatePolyActivation, UpsampledLinear
 from afconvert.poly import AliasFreePolyActivation, LowpassPolyActivation, PolyActivation, upsampling_factor
@@ -28,6 +29,26 @@ ACTIVATIONS = (
     timm_act.GELU, timm_act.GELUTanh, timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.HardSigmoid,
     timm_act.Sigmoid, timm_act.Tanh, timm_act.QuickGELU,
 )
+
+
+# functional forms: torch / F functions and Tensor methods (x.relu())
+FUNCTIONS = (F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.mish, F.elu, F.leaky_relu, F.softplus, F.selu, F.celu,
+             F.hardsigmoid, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
+METHODS = ("relu", "relu_", "sigmoid", "tanh")
+
+
+def _function_of(site: Site):
+    """The activation as a function of its first input: the module, or the call with its constant arguments."""
+    node = site.node
+    if site.module is not None:
+        return site.module.eval()
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
+        return None  # a parameter that is itself computed: not a fixed function
+    kwargs.pop("inplace", None)
+    if node.op == "call_method":
+        return lambda t: getattr(t, node.target.rstrip("_"))(*rest, **kwargs)
+    return lambda t: node.target(t, *[a for a in rest if not isinstance(a, bool)], **kwargs)
 
 
 # pointwise modules that may stand between an activation and the next Linear (timm's Mlp: drop1, norm)
@@ -86,16 +107,18 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
     act = site.module
     if not site.spatial or isinstance(act, PolyActivation):
         return None
+    fn = _function_of(site)
     x = site.x
+    if fn is None:
+        return None
     if x is None or x.spatial_dims is None or x.channel_dim is None:
         return None  # the engine reports why (flattened or unknown layout)
     degree = int(options.get("degree", 2))
     rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
-    fn = act.eval()  # the module itself is the function to fit
     kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
                   train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim,
                   stats=site.stats)  # measured on calibration data: a per-channel fit
-    pair = _linear_neighbours(site) if options.get("fuse_linear", True) else None
+    pair = _linear_neighbours(site) if options.get("fuse_linear", True) and site.module is not None else None
     if pair is not None and x.channel_dim == len(x.shape) - 1:
         # fc1 -> act -> fc2 on channels-last maps: up-sample before fc1, down-sample after fc2 (exact, fewer FFTs)
         modules = dict(site.node.graph.owning_module.named_modules())
@@ -105,13 +128,14 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
                 pair[1].target: DownsampledLinear.from_linear(modules[pair[1].target], factor, x.spatial_dims)}
     # a module called at several places (torchvision's ResNet: one self.relu for all) may see several
     # channel counts: it gets one polynomial shared by all channels, fitted the same way
-    calls = sum(1 for n in site.node.graph.nodes if n.op == "call_module" and n.target == site.node.target)
+    calls = sum(1 for n in site.node.graph.nodes if n.op == "call_module" and n.target == site.node.target) \
+        if site.module is not None else 1
     channels = 1 if calls > 1 else x.channels
     return AliasFreePolyActivation.fitted(fn, channels, degree, rng, spatial_dims=x.spatial_dims, **kwargs)
 
 
 RULES = [
-    Rule(name="activation", family="activation", targets=ACTIVATIONS + (
+    Rule(name="activation", family="activation", targets=ACTIVATIONS + FUNCTIONS + METHODS + (
         PolyActivation, AliasFreePolyActivation, LowpassPolyActivation, HighRatePolyActivation),
          judge=_judge_activation, convert=_convert_activation),
 ]

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import afconvert
 from afconvert import NotAliasFreeError, UntraceableModelError
@@ -278,3 +279,33 @@ def test_max_pool_options_exact_and_approximate():
     x = random_input(2, 3, (64, 64), torch.float64)
     assert max(relative_logit_change(exact, x, FRACTIONAL).values()) < 1e-10
     assert max(relative_logit_change(approx, x, FRACTIONAL).values()) > 1e-10  # measurably not exact
+
+
+class FunctionalNet(nn.Module):
+    """A user model with functional activations (no module to swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv1(x), 0.1)
+        x = self.conv2(x).tanh() + torch.sigmoid(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_functional_activations_are_rewritten():
+    source = randomize_(FunctionalNet()).double().eval()
+    model = afconvert.convert(source, input_size=(16, 16))
+    report = model.afconvert_report
+    assert report.verdict is Verdict.EXACT, report.verdict_text
+    assert {(f.op, f.replaced_by) for f in report.replaced} >= {
+        ("leaky_relu", "AliasFreePolyActivation"), ("tanh", "AliasFreePolyActivation"),
+        ("sigmoid", "AliasFreePolyActivation")}
+    assert isinstance(model, torch.fx.GraphModule) and any("GraphModule" in n for n in report.notes)
+    assert set(source.state_dict()) <= set(model.state_dict())
+    x = random_input(2, 3, (16, 24), torch.float64)
+    assert max(relative_logit_change(model, x, FRACTIONAL + INTEGER).values()) < 1e-10
+    assert max(relative_logit_change(source, x, FRACTIONAL + INTEGER).values()) > 1e-3
