@@ -107,12 +107,9 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
     act = site.module
     if not site.spatial or isinstance(act, PolyActivation):
         return None
-    fn = _function_of(site)
-    x = site.x
-    if fn is None:
-        return None
-    if x is None or x.spatial_dims is None or x.channel_dim is None:
-        return None  # the engine reports why (flattened or unknown layout)
+    fn, x = _function_of(site), site.x
+    if fn is None or x is None or x.spatial_dims is None or x.channel_dim is None:
+        return None  # kept, and judged: not alias-free (computed arguments, flattened or unknown layout)
     degree = int(options.get("degree", 2))
     rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
     kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
