@@ -9,13 +9,12 @@ the state_dict strictly; the file is read with ``torch.load(weights_only=True)``
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_write
 from .models import SourceSpec
 from .recipes import Recipe
 
@@ -29,19 +28,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to ``path`` atomically (see ``afconvert.atomic``): never a half-written file."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _versions() -> dict:

@@ -2,6 +2,7 @@
 
     afconvert MODEL --out model.pt [--weights FILE | --no-pretrained] [--recipe afc] [--input-size H W]
     afconvert audit MODEL_OR_CHECKPOINT [--format json]
+    afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
     afconvert recipes
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afconvert", description="Make a pretrained convnet alias-free (AFC).",
-                                epilog="other commands: `afconvert audit MODEL`, `afconvert recipes`")
+                                epilog="other commands: `afconvert audit MODEL`, `afconvert eval MODEL... --data DIR`, "
+                                       "`afconvert recipes`")
     _common(p)
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the converted model (.pt)")
     p.add_argument("--recipe", default="afc", help="shipped recipe name or a .toml file (see `afconvert recipes`)")

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
+from .atomic import atomic_write
 from .shift_grids import GridSpec, parse_grid_spec
 
 __all__ = ["EvalError", "class_indices", "list_images", "EvalImages", "resolve_model", "evaluate_model",
@@ -483,21 +483,8 @@ def to_json(results: Sequence[dict]) -> str:
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path``, then rename: an interrupted run leaves no partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically: an interrupted run leaves no partial file."""
+    atomic_write(path, data)
 
 
 # ---------------------------------------------------------------- CLI

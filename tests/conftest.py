@@ -47,6 +47,10 @@ def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0,
     return model.eval()
 
 
-@pytest.fixture
-def rng():
-    return torch.Generator().manual_seed(1234)
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from afconvert.spectral import fractional_shift, ideal_downsample, zero_nyquist
 from conftest import randomize_
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cos_images(phases, n=8):
