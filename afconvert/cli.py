@@ -60,7 +60,7 @@ def _run_convert(argv: list[str]) -> int:
 
     args = _convert_parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and out.is_dir():
+    if args.out.endswith(("/", "\\")) or (out.exists() and out.is_dir()):
         raise ValueError(f"--out {out} is a directory; fix: give a file path such as {out / 'model.pt'}")
     t0 = time.perf_counter()
     built = build(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,

@@ -87,8 +87,8 @@ def read_state_dict(path: str | Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSourceError(f"cannot read weights file {path} ({first}); fix: pass an uncorrupted "
-                               f"state_dict / checkpoint file") from exc
+        raise ModelSourceError(f"cannot read weights file {path}: not a torch or safetensors checkpoint, or corrupt "
+                               f"({first}); fix: pass a state_dict / checkpoint file saved with torch.save") from exc
 
 
 def _unwrap(obj) -> dict:

@@ -87,3 +87,9 @@ def test_torchvision_model_and_audit_of_a_checkpoint(tmp_path, capsys):
     assert main(["audit", str(out), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "exact" and max(report["check"]["models"]["model"].values()) < 1e-4  # float32
+
+
+def test_out_must_be_a_file(tmp_path, capsys):
+    assert main(["convnext_atto", "--no-pretrained", "--out", str(tmp_path) + "/"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
