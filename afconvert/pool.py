@@ -9,7 +9,6 @@ the ideal down-sampling (its harmonics still alias, by less than a strided max).
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn

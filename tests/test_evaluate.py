@@ -1,6 +1,5 @@
 """`afconvert eval` end to end: data and class mapping, model resolution, outputs, errors."""
 import json
-import os
 import sys
 from pathlib import Path
 
