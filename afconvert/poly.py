@@ -67,13 +67,14 @@ class _InitialisedByConversion(nn.Module):
 
 
 def fit_polynomial_per_channel(fn: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
-                               degree: int = 2, points: int = 121) -> torch.Tensor:
+                               degree: int = 2, points: int = 121, min_std: float = 0.5) -> torch.Tensor:
     """Per-channel least squares under each channel's measured input distribution N(mean_c, std_c^2):
     minimises sum_t w(t) (p_c(mean_c + std_c t) - fn(mean_c + std_c t))^2, w(t) = exp(-t^2 / 2),
-    t uniform on [-3, 3]. Returns (C, degree + 1) coefficients, float64."""
+    t uniform on [-3, 3]. std_c is floored at ``min_std``: a fit over a nearly constant input has
+    huge coefficients that blow up on any other input. Returns (C, degree + 1) coefficients, float64."""
     t = torch.linspace(-3.0, 3.0, points, dtype=torch.float64)
     w = torch.exp(-t ** 2 / 2).sqrt()
-    x = mean.double()[:, None] + std.double().clamp_min(1e-6)[:, None] * t[None, :]        # (C, P)
+    x = mean.double()[:, None] + std.double().clamp_min(min_std)[:, None] * t[None, :]        # (C, P)
     y = fn(x.clone()).double()
     vander = torch.stack([x ** k for k in range(degree + 1)], dim=-1) * w[None, :, None]    # (C, P, d+1)
     return torch.linalg.lstsq(vander, (y * w[None, :]).unsqueeze(-1)).solution.squeeze(-1)
