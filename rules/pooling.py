@@ -12,13 +12,32 @@
 """
 from __future__ import annotations
 
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
 from afconvert.pool import AliasFreePool2d
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, MaxPool2dSame, AvgPool2dSame)
+# functional forms and their parameters, in order (they have no introspectable signature)
+FUNCTIONAL = {F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                            "return_indices")),
+              F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                            "divisor_override"))}
+
+
+def _pool_of(site: Site) -> nn.Module | None:
+    """The pool module of a site: its own, or one built from a functional call's constant arguments."""
+    if site.module is not None:
+        return site.module
+    cls, names = FUNCTIONAL[site.node.target]
+    params = {**dict(zip(names, site.node.args[1:])), **site.node.kwargs}
+    if any(isinstance(v, fx.Node) for v in params.values()) or params.get("return_indices"):
+        return None
+    params.pop("divisor_override", None)
+    return cls(**params)
 
 
 def _stride(pool) -> tuple[int, int]:
@@ -27,7 +46,9 @@ def _stride(pool) -> tuple[int, int]:
 
 
 def _judge_pool(site: Site, options: dict) -> Judgement:
-    pool = site.module
+    pool = _pool_of(site)
+    if pool is None:
+        return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
     if isinstance(pool, AliasFreePool2d):
         if pool.mode == "max":
             return Judgement(Verdict.APPROX, "stride-1 circular max before ideal down-sampling: the max's own "
@@ -45,8 +66,8 @@ def _judge_pool(site: Site, options: dict) -> Judgement:
 
 
 def _convert_pool(site: Site, options: dict):
-    pool = site.module
-    if isinstance(pool, AliasFreePool2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
+    pool = _pool_of(site)
+    if pool is None or isinstance(pool, AliasFreePool2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
         return None
     same = isinstance(pool, (MaxPool2dSame, AvgPool2dSame))
     if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)):
@@ -57,5 +78,6 @@ def _convert_pool(site: Site, options: dict):
 
 
 RULES = [
-    Rule(name="pool", family="pool", targets=POOLS + (AliasFreePool2d,), judge=_judge_pool, convert=_convert_pool),
+    Rule(name="pool", family="pool", targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d,), judge=_judge_pool,
+         convert=_convert_pool),
 ]

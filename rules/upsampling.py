@@ -8,12 +8,28 @@ scale factors convert; other sizes are reported.
 """
 from __future__ import annotations
 
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from afconvert.highrate import IdealUpsample
 from afconvert.rule import Judgement, Rule, Site, Verdict
 
 UPSAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+
+
+_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _upsampler_of(site: Site) -> nn.Module | None:
+    """The site's module, or an ``nn.Upsample`` built from an ``F.interpolate`` call's constant arguments."""
+    if site.module is not None:
+        return site.module
+    params = {**dict(zip(_INTERPOLATE_ARGS, site.node.args[1:])), **site.node.kwargs}
+    if any(isinstance(v, fx.Node) for v in params.values()):
+        return None
+    return nn.Upsample(size=params.get("size"), scale_factor=params.get("scale_factor"),
+                       mode=params.get("mode", "nearest"))
 
 
 def _integer_factor(m: nn.Module) -> tuple[int, int] | None:
@@ -25,19 +41,22 @@ def _integer_factor(m: nn.Module) -> tuple[int, int] | None:
 
 
 def _judge(site: Site, options: dict) -> Judgement:
-    if isinstance(site.module, IdealUpsample):
-        return Judgement(Verdict.EXACT, f"ideal up-sampling by {site.module.factor}")
+    up = _upsampler_of(site)
+    if isinstance(up, IdealUpsample):
+        return Judgement(Verdict.EXACT, f"ideal up-sampling by {up.factor}")
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input")
-    return Judgement(Verdict.NOT, f"{site.module.mode} up-sampling leaves spectral images (aliases)")
+    mode = up.mode if up is not None else "computed-size"
+    return Judgement(Verdict.NOT, f"{mode} resampling leaves spectral images (aliases)")
 
 
 def _convert(site: Site, options: dict):
-    factor = _integer_factor(site.module) if not isinstance(site.module, IdealUpsample) else None
+    up = _upsampler_of(site)
+    factor = _integer_factor(up) if up is not None and not isinstance(up, IdealUpsample) else None
     if factor is None or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
         return None
     return IdealUpsample(factor)
 
 
-RULES = [Rule(name="upsample", family="upsample", targets=UPSAMPLERS + (IdealUpsample,), judge=_judge,
+RULES = [Rule(name="upsample", family="upsample", targets=UPSAMPLERS + (F.interpolate, IdealUpsample), judge=_judge,
               convert=_convert)]

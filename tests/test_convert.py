@@ -309,3 +309,29 @@ def test_functional_activations_are_rewritten():
     x = random_input(2, 3, (16, 24), torch.float64)
     assert max(relative_logit_change(model, x, FRACTIONAL + INTEGER).values()) < 1e-10
     assert max(relative_logit_change(source, x, FRACTIONAL + INTEGER).values()) > 1e-3
+
+
+class FunctionalPools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = F.interpolate(F.max_pool2d(x, 3, 2, 1), scale_factor=2, mode="nearest") + \
+            F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear")
+        return self.fc(F.gelu(y).mean((2, 3)))
+
+
+def test_functional_pools_and_interpolation_are_rewritten():
+    source = randomize_(FunctionalPools()).double().eval()
+    model = afconvert.convert(source, input_size=(16, 16))
+    report = model.afconvert_report
+    replaced = {(f.op, f.replaced_by) for f in report.replaced}
+    assert {("max_pool2d", "AliasFreePool2d"), ("avg_pool2d", "AliasFreePool2d"),
+            ("interpolate", "IdealUpsample"), ("gelu", "AliasFreePolyActivation")} <= replaced
+    assert report.verdict is Verdict.EXACT, report.verdict_text
+    x = random_input(2, 3, (16, 20), torch.float64)
+    assert max(relative_logit_change(model, x, FRACTIONAL + INTEGER).values()) < 1e-10
+    assert max(relative_logit_change(source, x, FRACTIONAL + INTEGER).values()) > 1e-3
