@@ -154,6 +154,11 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     return report
 
 
+def _rewritten_name(node: fx.Node) -> str:
+    """The module path a rewritten functional call gets in the graph module."""
+    return f"{node.name}_af"
+
+
 def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, functional: dict[fx.Node, nn.Module]
                         ) -> tuple[fx.GraphModule, dict[str, str]]:
     """Apply the module swaps to the traced graph module and turn each converted functional call
@@ -162,7 +167,7 @@ def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, function
         gm.set_submodule(name, swaps[name][0])
     rewritten = {}
     for node, module in functional.items():
-        name = f"{node.name}_af"
+        name = _rewritten_name(node)
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
             call = gm.graph.call_module(name, (node.args[0],))
@@ -230,7 +235,7 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
     if calibration is not None:
-        _measure_inputs(out, [s for s in sites if index.match(s) is not None and index.match(s).family == "activation"],
+        _measure_inputs(out, [s for s in sites if getattr(index.match(s), "family", None) == "activation"],
                         calibration)
 
     swaps: dict[str, list[nn.Module]] = {}
@@ -278,7 +283,7 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     report.recipe = rec.name
     report.notes.extend(notes)
     src_before = {s.name: before[id(s.node)] for s in sites}
-    src_before.update({f"{n.name}_af": before[id(n)] for n in functional})
+    src_before.update({_rewritten_name(n): before[id(n)] for n in functional})
     for f in report.findings:
         if f.node in swapped:
             f.op = swapped[f.node]
