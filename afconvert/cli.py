@@ -22,7 +22,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                                                         "official Alias-Free ConvNeXt checkpoint)")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (no download)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
-                   help="input size for layout inference and the shift check (default 64 64)")
+                   help="input size for layout inference and the checks (default 64 64; the checks also run at the "
+                        "model's native size)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
 
 
@@ -33,10 +34,13 @@ def _convert_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the converted model (.pt)")
     p.add_argument("--recipe", default="afc", help="shipped recipe name or a .toml file (see `afconvert recipes`)")
-    p.add_argument("--calibration", metavar="DIR", help="images to re-estimate BatchNorm statistics on (default: noise)")
+    p.add_argument("--calibration", metavar="DIR", help="images to fit each activation's polynomial on, per channel "
+                                                         "(and to re-estimate BatchNorm statistics if the recipe asks)")
     p.add_argument("--strict", action="store_true", help="fail if any layer is not exactly alias-free")
     p.add_argument("--table", action="store_true", help="print the per-layer table")
     p.add_argument("--no-check", action="store_true", help="skip the empirical shift check")
+    p.add_argument("--allow-unstable", action="store_true",
+                   help="write the model even if its logits are non-finite or explode (e.g. to fine-tune it)")
     return p
 
 
@@ -52,8 +56,13 @@ def _model_kwargs(args) -> dict:
     return {"num_classes": args.num_classes} if args.num_classes is not None else {}
 
 
+class NumericallyUnstableError(ValueError):
+    """The converted model's logits are non-finite or explode: not written."""
+
+
 def _run_convert(argv: list[str]) -> int:
     import afconvert
+    from .engine import check_sizes
     from .pipeline import build
     from .report import format_check
     from .shift_check import shift_check
@@ -73,13 +82,17 @@ def _run_convert(argv: list[str]) -> int:
     print(report.summary())
     if args.table:
         print(report.table())
-    if not args.no_check:
-        size = built.converted.afconvert_info["input_size"]
-        check = shift_check({"original": built.source, "converted": built.converted}, size,
-                            built.converted.afconvert_info["in_chans"])
-        report.check = check
-        print(format_check(check))
-    if args.strict and report.offenders:
+    if not report.stable and not args.allow_unstable:
+        raise NumericallyUnstableError(f"the converted model is numerically unstable ({report.instability}); "
+                                       f"nothing written; fix: use recipe afc (scale-equivariant activations) or "
+                                       f"--calibration DIR, or pass --allow-unstable to write it for fine-tuning")
+    if not args.no_check and report.stable:
+        info = built.converted.afconvert_info
+        for size in check_sizes(built.converted, info["input_size"]):
+            check = shift_check({"original": built.source, "converted": built.converted}, size, info["in_chans"])
+            report.checks.append(check)
+            print(format_check(check))
+    if args.strict and (report.offenders or not report.stable):
         raise afconvert.NotAliasFreeError("strict: " + report.verdict_text)
     afconvert.save(built.converted, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); load with afconvert.load('{out}')")
@@ -104,6 +117,10 @@ def _run_audit(argv: list[str]) -> int:
     else:
         print(report.table(all_nodes=args.all))
         print(report.summary())
+    if not report.stable:
+        print(f"afconvert audit: error: numerically unstable: {report.instability}; fix: re-convert with recipe afc "
+              f"or fine-tune it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,13 +17,14 @@ import torch.nn as nn
 
 from .calibrate import calibration_batches, recalibrate_batchnorm
 from .layout import Layout, infer_layouts
+from .poly import PolyFit, scale_dims
 from .recipes import Recipe, all_rules, load_recipe
 from .report import Finding, NotAliasFreeError, Report
 from .rule import Judgement, Rule, Site, Verdict
-from .shift_check import shift_check
+from .shift_check import native_input_size, numerics_check, shift_check, size_label
 from .tracing import trace
 
-__all__ = ["convert", "audit", "DEFAULT_PROBE_SIZE"]
+__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "DEFAULT_PROBE_SIZE"]
 
 DEFAULT_PROBE_SIZE = (64, 64)
 
@@ -134,7 +135,9 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
           check: bool = True, leaf_modules: Iterable[type] = (), shifts=None, dtype=torch.float32) -> Report:
     """Judge every node of ``model``: exactly alias-free, approximately, not, or unknown.
 
-    With ``check``, the verdict is backed by an empirical shift check of the logits.
+    With ``check``, the verdict is backed by the logits themselves, at ``input_size`` and at the
+    model's native size (``native_input_size``): a numerics check (non-finite or exploding logits
+    make the verdict ``UNSTABLE``) and, when they are stable, an empirical shift check.
     """
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
     in_chans = _in_chans(model, in_chans)
@@ -149,9 +152,24 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, None),
                     notes=notes)
     if check:
-        kwargs = {"shifts": shifts} if shifts else {}
-        report.check = shift_check({"model": model}, input_size, in_chans, dtype=dtype, **kwargs)
+        sizes = check_sizes(model, input_size)
+        report.numerics = numerics_check(model, sizes, in_chans, dtype=dtype)
+        if report.stable:
+            kwargs = {"shifts": shifts} if shifts else {}
+            report.checks = [shift_check({"model": model}, size, in_chans, dtype=dtype, **kwargs) for size in sizes
+                             if report.numerics["max_abs_logit"][size_label(size)] is not None]
     return report
+
+
+def check_sizes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, int]]:
+    """Where the empirical checks run: the small probe size and the model's native size."""
+    return list(dict.fromkeys([tuple(int(v) for v in input_size), native_input_size(model)]))
+
+
+def converted_numerics(model: nn.Module) -> dict:
+    """``numerics_check`` of a converted model at its conversion probe size and its native size."""
+    info = model.afconvert_info
+    return numerics_check(model, check_sizes(model, info["input_size"]), info["in_chans"])
 
 
 def _rewritten_name(node: fx.Node) -> str:
@@ -181,22 +199,24 @@ def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, function
 
 
 @torch.no_grad()
-def _measure_inputs(model: nn.Module, sites: list[Site], data: torch.Tensor) -> None:
-    """Per-channel mean/std of each site's input on ``data`` (forward hooks on the source model)."""
-    sums: dict[str, list] = {}
-    handles = []
+def _measure_activations(model: nn.Module, sites: list[Site], data: torch.Tensor, options: dict) -> int:
+    """For each activation site, the least-squares statistics (``PolyFit``) of its polynomial
+    against the source activation on ``data``: its input (seen by a pre-hook, before an in-place
+    activation overwrites it) and its output, on the source model. Returns how many were measured."""
+    degree, normalize = int(options.get("degree", 2)), str(options.get("normalize", "none"))
+    handles, seen = [], {}
     for site in sites:
         x = site.x
-        if site.module is None or x is None or x.channel_dim is None:
+        if site.module is None or x is None or x.channel_dim is None or x.spatial_dims is None:
             continue
-
-        def hook(mod, args, out, name=site.name, cd=x.channel_dim):
-            t = args[0].detach().double().movedim(cd, 0).flatten(1)
-            acc = sums.setdefault(name, [0, 0.0, 0.0])
-            acc[0] += t.shape[1]
-            acc[1] = acc[1] + t.sum(1)
-            acc[2] = acc[2] + (t * t).sum(1)
-        handles.append(site.module.register_forward_hook(hook))
+        if site.name in seen:  # one module called at several places: one shared fit
+            continue
+        dims = scale_dims(normalize, x.spatial_dims, x.channel_dim)
+        fit = seen[site.name] = PolyFit(degree, x.channel_dim, dims, shared=site.calls > 1)
+        inputs = []
+        handles.append(site.module.register_forward_pre_hook(lambda mod, args, keep=inputs: keep.append(args[0].clone())))
+        handles.append(site.module.register_forward_hook(
+            lambda mod, args, out, keep=inputs, fit=fit: fit.update(keep.pop(), out)))
     try:
         p = next(model.parameters())
         for batch in torch.split(data, 8):
@@ -205,15 +225,15 @@ def _measure_inputs(model: nn.Module, sites: list[Site], data: torch.Tensor) -> 
         for h in handles:
             h.remove()
     for site in sites:
-        if site.name in sums:
-            n, s1, s2 = sums[site.name]
-            mean = s1 / n
-            site.stats = (mean, (s2 / n - mean ** 2).clamp_min(0).sqrt())
+        if site.name in seen:
+            site.stats = seen[site.name]
+    return len(seen)
 
 
 def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence[int] | None = None,
             strict: bool = False, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
-            options: dict | None = None, calibration: torch.Tensor | None = None) -> nn.Module:
+            options: dict | None = None, calibration: torch.Tensor | None = None,
+            check_numerics: bool = True) -> nn.Module:
     """Return an alias-free copy of ``model`` (same class, same state_dict keys for kept weights).
 
     ``recipe``: a shipped recipe name (``afc``, ``afc-paper``) or a path to a TOML recipe;
@@ -222,8 +242,10 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     (N, C, H, W) for re-estimating BatchNorm statistics when the recipe asks (``norm.recalibrate``;
     random inputs otherwise) and for fitting each activation's polynomial per channel to the
     measured distribution of its input. The per-layer report is
-    ``result.afconvert_report``; ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
-    that are not exactly alias-free.
+    ``result.afconvert_report``; with ``check_numerics`` it includes the converted logits' size
+    at ``input_size`` and the native size (``numerics_check``; non-finite or exploding logits make
+    the verdict ``UNSTABLE``). ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
+    that are not exactly alias-free, or the sizes where the logits are unstable.
     """
     rec = load_recipe(recipe, options)
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
@@ -234,9 +256,12 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     out.eval()
     sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
+    notes: list[str] = []
     if calibration is not None:
-        _measure_inputs(out, [s for s in sites if getattr(index.match(s), "family", None) == "activation"],
-                        calibration)
+        measured = _measure_activations(out, [s for s in sites if getattr(index.match(s), "family", None) == "activation"],
+                                        calibration, rec.for_family("activation"))
+        notes.append(f"{measured} activation(s) fitted per channel by least squares on {len(calibration)} "
+                     f"calibration images")
 
     swaps: dict[str, list[nn.Module]] = {}
     functional: dict[fx.Node, nn.Module] = {}
@@ -254,7 +279,7 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
             new = {site.node.target: new}
         for name, module in new.items():  # a rule may replace the site's neighbours too
             swaps.setdefault(name, []).append(module)
-    notes, swapped = [], {}
+    swapped = {}
     for name, news in swaps.items():
         if len({repr(m) for m in news}) > 1:
             notes.append(f"'{name}' is one module called at {len(news)} places with different layouts: not converted "
@@ -289,8 +314,11 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
             f.op = swapped[f.node]
             f.replaced_by = type(out.get_submodule(f.node)).__name__
             f.before = src_before[f.node].verdict
+    if check_numerics:
+        report.numerics = converted_numerics(out)
     out.afconvert_report = report
-    if strict and report.offenders:
-        raise NotAliasFreeError(f"strict: {len(report.offenders)} node(s) not exactly alias-free: "
-                                + report.verdict_text)
+    if strict and (report.offenders or not report.stable):
+        parts = ([f"{len(report.offenders)} node(s) not exactly alias-free: {report.graph_verdict_text}"]
+                 if report.offenders else []) + ([report.instability] if not report.stable else [])
+        raise NotAliasFreeError("strict: " + "; ".join(parts))
     return out

@@ -577,11 +577,17 @@ def _main(argv: Sequence[str]) -> int:
         for path in (args.out, args.plot):
             if path:
                 print(f"wrote {path}")
+    broken = [r["model"] for r in results if r["predictions"] and r["nonfinite_predictions"] == r["predictions"]]
+    if broken:
+        log(f"afconvert eval: error: every prediction of {', '.join(broken)} has non-finite logits (the model is "
+            f"numerically unstable); fix: re-convert it with the current afconvert (recipe afc) or fine-tune it")
+        return 3
     return 0
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """CLI entry of ``afconvert eval``: 0 on success, 2 with a one-line error, 130 when interrupted."""
+    """CLI entry of ``afconvert eval``: 0 on success, 2 with a one-line error, 3 when a model's predictions
+    are all non-finite (its results are still printed and written), 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)

@@ -65,8 +65,9 @@ class DownsampledLinear(nn.Linear):
 
 class HighRatePolyActivation(PolyActivation):
     """A PolyActivation meant to run between an ``UpsampledLinear`` and a ``DownsampledLinear``
-    whose factor is at least (degree + 1) / 2: pointwise here, alias-free as a whole (the audit
-    checks those neighbours in the graph)."""
+    whose factor is at least (degree + 1) / 2: pointwise here (with ``normalize``, one L4 scale per
+    map, taken at the high rate), alias-free as a whole (the audit checks those neighbours in the
+    graph)."""
 
 
 class IdealUpsample(nn.Module):

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from .calibrate import load_calibration_images
-from .engine import DEFAULT_PROBE_SIZE, convert
+from .engine import DEFAULT_PROBE_SIZE, convert, converted_numerics
 from .keymaps import official_afc
 from .recipes import Recipe
 from .models import ModelSourceError, SourceSpec, create_source_model, read_state_dict
@@ -50,7 +50,7 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
             source, spec = create_source_model("timm:convnext_tiny", pretrained=False, **kwargs)
             if recipe != "afc-paper":
                 notes.append(f"official AFC checkpoint: recipe '{recipe}' replaced by 'afc-paper' (its configuration)")
-            converted = convert(source, "afc-paper", input_size=input_size, options=options)
+            converted = convert(source, "afc-paper", input_size=input_size, options=options, check_numerics=False)
             mapped = official_afc.to_converted_timm(sd)
             try:
                 converted.load_state_dict(mapped, strict=True)
@@ -58,6 +58,7 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
                 raise ModelSourceError(f"official AFC checkpoint {weights} does not fit the paper configuration "
                                        f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
                                        ) from exc
+            converted.afconvert_report.numerics = converted_numerics(converted)  # of the official weights
             spec.weights = f"official AFC checkpoint {weights} ('model' entry)"
             notes.append(f"official AFC checkpoint recognised: depths {arch['depths']}, dims {arch['dims']}, "
                          f"{arch['num_classes']} classes")
@@ -77,6 +78,6 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
 def rebuild(spec: SourceSpec, recipe: "str | Recipe", input_size: Sequence[int]) -> nn.Module:
     """The converted architecture of a saved model, with conversion-time weights (to be overwritten)."""
     source, _ = create_source_model(f"{spec.library}:{spec.name}", pretrained=False, **spec.kwargs)
-    converted = convert(source, recipe, input_size=input_size)
+    converted = convert(source, recipe, input_size=input_size, check_numerics=False)  # its weights are replaced
     _attach(converted, spec)
     return converted

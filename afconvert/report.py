@@ -34,8 +34,14 @@ class Report:
     model: str
     recipe: str | None
     findings: list[Finding] = field(default_factory=list)
-    check: dict | None = None       # empirical shift check: {"shifts": [...], "max_rel_change": float, ...}
+    checks: list[dict] = field(default_factory=list)   # empirical shift checks (``shift_check``), one per size
+    numerics: dict | None = None    # max |logit| per input size (``numerics_check``)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def stable(self) -> bool:
+        """Finite logits bounded by the numerics check's bound at every size it ran (True if it did not run)."""
+        return self.numerics is None or bool(self.numerics["stable"])
 
     @property
     def offenders(self) -> list[Finding]:
@@ -48,12 +54,26 @@ class Report:
 
     @property
     def verdict(self) -> Verdict:
-        worst = max((f.verdict for f in self.offenders), key=lambda v: v.rank, default=Verdict.EXACT)
-        return worst
+        """The worst node's verdict; ``UNSTABLE`` above all when the logits are not finite and bounded."""
+        return self.graph_verdict if self.stable else Verdict.UNSTABLE
 
     @property
-    def verdict_text(self) -> str:
-        v = self.verdict
+    def instability(self) -> str:
+        """One line on where the logits are non-finite or too large ('' when stable)."""
+        if self.stable:
+            return ""
+        worst = self.numerics["max_abs_logit"]
+        at = ", ".join(f"{k} ({_magnitude(worst[k])})" for k in self.numerics["unstable_at"])
+        return f"logits non-finite or above {self.numerics['bound']:g} on standard-normal inputs at {at}"
+
+    @property
+    def graph_verdict(self) -> Verdict:
+        """The worst verdict of a node on a spatial map (what the graph alone certifies)."""
+        return max((f.verdict for f in self.offenders), key=lambda v: v.rank, default=Verdict.EXACT)
+
+    @property
+    def graph_verdict_text(self) -> str:
+        v = self.graph_verdict
         if v is Verdict.EXACT:
             return "certified: exactly alias-free (logits invariant to integer and fractional circular shifts)"
         first = ", ".join(f"{f.node} ({f.op}: {f.reason})" for f in self.offenders[:3])
@@ -61,6 +81,14 @@ class Report:
         label = {Verdict.APPROX: "approximately alias-free", Verdict.NOT: "NOT alias-free",
                  Verdict.UNKNOWN: "NOT certified (unknown ops)"}[v]
         return f"{label}: {first}{more}"
+
+    @property
+    def verdict_text(self) -> str:
+        if self.stable:
+            return self.graph_verdict_text
+        graph = "every node exactly alias-free" if not self.offenders else \
+            f"graph: {self.graph_verdict_text}"
+        return f"numerically unstable: {self.instability} ({graph}; the outputs are unusable)"
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -79,9 +107,10 @@ class Report:
             lines.append("replaced: " + "; ".join(f"{n} x {k}" for k, n in sorted(by_kind.items())))
         lines.append("nodes on spatial maps: " + ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())))
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.numerics is not None:
+            lines.append(format_numerics(self.numerics))
         lines.append("verdict: " + self.verdict_text)
-        if self.check:
-            lines.append(format_check(self.check))
+        lines.extend(format_check(c) for c in self.checks)
         return "\n".join(lines)
 
     def table(self, all_nodes: bool = False) -> str:
@@ -99,10 +128,30 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "recipe": self.recipe, "verdict": self.verdict.value,
                 "verdict_text": self.verdict_text, "counts": self.counts(), "notes": self.notes,
-                "check": self.check, "findings": [f.to_dict() for f in self.findings]}
+                "numerics": _json_numerics(self.numerics), "checks": self.checks,
+                "findings": [f.to_dict() for f in self.findings]}
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _json_numerics(numerics: dict | None) -> dict | None:
+    """JSON has no infinity: a non-finite maximum is written as the string "non-finite"."""
+    if numerics is None:
+        return None
+    return {**numerics, "max_abs_logit": {k: "non-finite" if v == float("inf") else v
+                                          for k, v in numerics["max_abs_logit"].items()}}
+
+
+def _magnitude(v: float | None) -> str:
+    if v is None:
+        return "does not run at this size"
+    return "non-finite" if v == float("inf") else f"max |logit| {v:.3g}"
+
+
+def format_numerics(numerics: dict) -> str:
+    sizes = ", ".join(f"{k}: {_magnitude(v)}" for k, v in numerics["max_abs_logit"].items())
+    return f"numerics ({numerics['dtype']}, standard-normal input, bound {numerics['bound']:g}): {sizes}"
 
 
 def format_check(check: dict) -> str:
@@ -111,7 +160,7 @@ def format_check(check: dict) -> str:
     for label, per in check["models"].items():
         if any(v != v or v == float("inf") for v in per.values()):  # nan or inf
             lines.append(f"  {label:<10} logits not finite: the shift check cannot measure this model "
-                         f"(stacked polynomial activations overflow without normalisation; fine-tune it first)")
+                         f"(numerically unstable)")
             continue
         worst = max(per.values())
         parts = ", ".join(f"{k}: {v:.1e}" for k, v in per.items())

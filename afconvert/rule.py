@@ -25,10 +25,11 @@ class Verdict(str, enum.Enum):
     APPROX = "approximate"     # aliases, but by a bounded / small amount
     NOT = "not alias-free"     # aliases
     UNKNOWN = "unknown"        # no rule knows this op: never certified
+    UNSTABLE = "numerically unstable"  # (a whole model) non-finite or exploding logits: never certified
 
     @property
     def rank(self) -> int:
-        return {"exact": 0, "approximate": 1, "not alias-free": 2, "unknown": 3}[self.value]
+        return {"exact": 0, "approximate": 1, "not alias-free": 2, "unknown": 3, "numerically unstable": 4}[self.value]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Site:
     inputs: list[Layout | None]         # layouts of the tensor arguments, in order
     output: Layout | None
     reads_input: bool = False           # an argument is the model's input itself
-    stats: tuple | None = None          # per-channel (mean, std) of the first input on calibration data
+    stats: object | None = None         # what the engine measured on calibration data (activations: a PolyFit)
 
     @property
     def name(self) -> str:
@@ -58,6 +59,13 @@ class Site:
             return type(self.module).__name__
         t = self.node.target
         return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+    @property
+    def calls(self) -> int:
+        """How many graph nodes call this site's module (1 for functional calls)."""
+        if self.module is None:
+            return 1
+        return sum(1 for n in self.node.graph.nodes if n.op == "call_module" and n.target == self.node.target)
 
     @property
     def x(self) -> Layout | None:

@@ -1,4 +1,5 @@
-"""Empirical shift check: how much do the logits move under integer and fractional circular shifts?"""
+"""Empirical checks of a model's logits: how much they move under integer and fractional circular
+shifts (``shift_check``), and whether they are finite and bounded at each input size (``numerics_check``)."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -8,7 +9,10 @@ import torch.nn as nn
 
 from .spectral import fractional_shift, zero_nyquist
 
-__all__ = ["DEFAULT_SHIFTS", "relative_logit_change", "shift_check", "random_input"]
+__all__ = ["DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_logit_change", "shift_check", "numerics_check",
+           "native_input_size", "size_label", "random_input"]
+
+LOGIT_BOUND = 1e4   # |logit| above this on a standard-normal input: the model is numerically unstable
 
 DEFAULT_SHIFTS: tuple[tuple[float, float], ...] = ((1, 0), (0, 1), (3, -2), (0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75))
 
@@ -54,4 +58,46 @@ def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chan
             out["models"][label] = relative_logit_change(model.to(dtype), x, shifts)
         finally:
             model.to(own_dtype).train(was_training)
+    return out
+
+
+def native_input_size(model: nn.Module) -> tuple[int, int]:
+    """The size a model is meant to run at: timm's ``pretrained_cfg["input_size"]``, else 224 x 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return (int(size[-2]), int(size[-1])) if size else (224, 224)
+
+
+def size_label(size: Sequence[int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+@torch.no_grad()
+def numerics_check(model: nn.Module, sizes: Iterable[Sequence[int]], in_chans: int = 3, bound: float = LOGIT_BOUND,
+                   dtype=torch.float32, batch: int = 1, seed: int = 0) -> dict:
+    """max |logit| of ``model`` on standard-normal inputs (Nyquist bins zeroed) at each size.
+
+    ``stable`` is False when some logit is non-finite or above ``bound`` at some size: certified
+    alias-free or not, such a model is not usable. A size the model cannot run at (a head that
+    flattens a fixed-size map) is recorded as None and not judged. Returns {"dtype", "bound",
+    "max_abs_logit": {"HxW": float (inf for non-finite) or None}, "unstable_at": ["HxW", ...], "stable"}."""
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    own_dtype = p.dtype if p is not None else dtype
+    out: dict = {"dtype": str(dtype).replace("torch.", ""), "bound": bound, "max_abs_logit": {}}
+    try:
+        model.to(dtype)
+        for size in dict.fromkeys(tuple(int(v) for v in s) for s in sizes):
+            try:
+                y = model(random_input(batch, in_chans, size, dtype, seed, device))
+            except RuntimeError:  # shape errors: this model runs at its own size only
+                out["max_abs_logit"][size_label(size)] = None
+                continue
+            out["max_abs_logit"][size_label(size)] = float(y.abs().max()) if torch.isfinite(y).all() else float("inf")
+    finally:
+        model.to(own_dtype).train(was_training)
+    out["unstable_at"] = [k for k, v in out["max_abs_logit"].items() if v is not None and not v <= bound]
+    out["stable"] = not out["unstable_at"]
     return out

@@ -7,9 +7,14 @@ back to the input rate, it commutes with every circular shift (``AliasFreePolyAc
 
 Conversion: each activation on a spatial tensor becomes that polynomial, per channel, initialised
 to the least-squares fit of the original activation over ``fit_range``, or, given calibration
-data, per channel under the measured distribution of its input, N(mean_c, std_c^2) (the fit is
-exact for nothing but polynomials, so the converted network needs fine-tuning). Activations on spatially
+data, per channel by least squares on every measured input of it (``PolyFit``; the fit is exact
+for nothing but polynomials, so the converted network needs fine-tuning). Activations on spatially
 constant tensors (after global pooling, squeeze-excite gates) are already shift-invariant: kept.
+
+``normalize = "channel"`` (recipe ``afc``) makes each polynomial scale-equivariant, y = s q(x / s)
+with s the per-sample, per-channel L4 norm of its input map (``l4_scale``): like ReLU, its output scales linearly
+with its input, so stacks of them stay bounded at every input size and scale (a plain quadratic
+squares the scale at each layer, and deep BatchNorm networks overflow).
 """
 from __future__ import annotations
 
@@ -114,7 +119,8 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
     rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
     kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
                   train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim,
-                  stats=site.stats)  # measured on calibration data: a per-channel fit
+                  normalize=str(options.get("normalize", "none")), spatial_dims=x.spatial_dims,
+                  fit=site.stats)  # measured on calibration data: a per-channel fit
     pair = _linear_neighbours(site) if options.get("fuse_linear", True) and site.module is not None else None
     if pair is not None and x.channel_dim == len(x.shape) - 1:
         # fc1 -> act -> fc2 on channels-last maps: up-sample before fc1, down-sample after fc2 (exact, fewer FFTs)
@@ -125,10 +131,8 @@ def _convert_activation(site: Site, options: dict) -> nn.Module | None:
                 pair[1].target: DownsampledLinear.from_linear(modules[pair[1].target], factor, x.spatial_dims)}
     # a module called at several places (torchvision's ResNet: one self.relu for all) may see several
     # channel counts: it gets one polynomial shared by all channels, fitted the same way
-    calls = sum(1 for n in site.node.graph.nodes if n.op == "call_module" and n.target == site.node.target) \
-        if site.module is not None else 1
-    channels = 1 if calls > 1 else x.channels
-    return AliasFreePolyActivation.fitted(fn, channels, degree, rng, spatial_dims=x.spatial_dims, **kwargs)
+    channels = 1 if site.calls > 1 else x.channels
+    return AliasFreePolyActivation.fitted(fn, channels, degree, rng, **kwargs)
 
 
 RULES = [

@@ -26,10 +26,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> tor
     return model
 
 
-def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0, gain: float = 0.5) -> torch.nn.Module:
+def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0, gain: float = 1.0) -> torch.nn.Module:
     """Set every BatchNorm's running statistics to those of random inputs (a data-dependent init), so
-    random-weight networks have input-dependent logits, and its scale to about ``gain``: deep stacks
-    of quadratics stay finite when their inputs are O(gain) (see README, known limits)."""
+    random-weight networks have input-dependent logits, and multiply its scale by ``gain``."""
     from afconvert.shift_check import random_input
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:

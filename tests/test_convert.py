@@ -134,7 +134,9 @@ def test_audit_of_unconverted_model_lists_aliasing_sources(source):
 def test_audit_check_backs_the_verdict(converted):
     report = afconvert.audit(converted["afc"], input_size=(64, 64))
     assert report.verdict is Verdict.EXACT
-    assert max(report.check["models"]["model"].values()) < 1e-5
+    assert [c["input_size"] for c in report.checks] == [[64, 64], [224, 224]]  # probe and native size
+    assert all(max(c["models"]["model"].values()) < 1e-5 for c in report.checks)
+    assert report.stable and set(report.numerics["max_abs_logit"]) == {"64x64", "224x224"}
 
 
 class FlattenHead(nn.Module):
@@ -266,7 +268,7 @@ def test_calibration_fits_each_channel_to_its_measured_inputs():
     assert coef.shape[0] == 64 and torch.unique(coef[:, 2]).numel() == 64
     generic = afconvert.convert(source).act1.coef
     assert torch.unique(generic[:, 2]).numel() == 1
-    assert any("on 8 calibration images" in n for n in model.afconvert_report.notes)
+    assert any("fitted per channel by least squares on 8 calibration images" in n for n in model.afconvert_report.notes)
 
 
 def test_max_pool_options_exact_and_approximate():

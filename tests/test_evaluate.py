@@ -196,6 +196,19 @@ def test_nonfinite_logits_count_as_wrong(tmp_path):
     assert json.loads(E.to_json([r]))[0]["logit_change"]["band_limited"] == [None, None, None]
 
 
+def test_all_nonfinite_predictions_exit_non_zero(tmp_path, capsys, monkeypatch):
+    """The results are still printed, but a model whose every prediction is non-finite fails the command."""
+    class Overflow(Constant):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+    data = _folder(tmp_path / "d", {"coffee": 1, "chelsea": 2})
+    monkeypatch.setattr(E, "resolve_model", lambda arg, *a, **k: E.Candidate(arg, Overflow(1), "test"))
+    argv = [str(data / "m.pt"), "--data", str(data), "--metrics", "accuracy", "--no-progress", "--input-size", "32"]
+    assert E.run(argv) == 3
+    out, err = capsys.readouterr()
+    assert "100%" in out and err.strip().splitlines()[-1].startswith("afconvert eval: error: every prediction")
+
+
 def test_limit_spreads_over_the_data():
     assert E._subset(10, 3) == [0, 3, 6] and E._subset(4, 10) == [0, 1, 2, 3]
 

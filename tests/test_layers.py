@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from afconvert.poly import PolyFit
 from afconvert import (AliasFreeConv2d, AliasFreeLayerNorm, AliasFreePolyActivation, CircularConv2d, PolyActivation,
                        circular_pad, fit_polynomial, fractional_shift, zero_nyquist)
 
@@ -129,9 +130,84 @@ def test_alias_free_layernorm(size):
 
 def test_per_channel_fit_follows_the_measured_distribution():
     mean, std = torch.tensor([-2.0, 0.0, 3.0]), torch.tensor([0.5, 1.0, 0.2])
-    p = PolyActivation.fitted(F.relu, channels=3, stats=(mean, std))
+    fit = PolyFit(degree=2, channel_dim=1)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        seen = (mean + std * torch.randn(2000, 3, generator=g)).T.reshape(1, 3, 1, 2000)
+        fit.update(seen, F.relu(seen))
+    p = PolyActivation.fitted(F.relu, channels=3, fit=fit)
     x = (mean + std * torch.randn(2000, 3)).T.reshape(1, 3, 1, 2000)
     err_fit = (p(x) - F.relu(x)).pow(2).mean((0, 2, 3))
     generic = PolyActivation.fitted(F.relu, channels=3)
     err_generic = (generic(x) - F.relu(x)).pow(2).mean((0, 2, 3))
     assert (err_fit < err_generic).all() and err_fit[2] < 1e-8  # channel 2 lives where ReLU is linear
+
+
+# -- scale-equivariant polynomial activations (normalize) --------------------------------------------------
+
+def _random_poly(normalize, channels=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.randn(channels, 3, generator=g, dtype=torch.float64)
+    return AliasFreePolyActivation(channels, coef=coef, normalize=normalize).to(dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(5, 14), w=st.integers(5, 14), normalize=st.sampled_from(["channel", "sample"]),
+       shift=st.sampled_from([(1, 0), (-2, 3), (0.5, 0), (0.5, 0.5), (1 / 3, 2 / 3), (2.25, -0.75), (0.1, 0.7)]),
+       seed=st.integers(0, 1000))
+def test_scale_equivariant_poly_is_exactly_alias_free(h, w, normalize, shift, seed):
+    """y = s D(q(U x / s)) commutes with integer and fractional shifts (float64, odd and non-square sizes);
+    the same normalised polynomial evaluated at the input rate does not."""
+    act = _random_poly(normalize, seed=seed)
+    x = _x((2, 4, h, w), seed)
+    assert _equivariance_error(act, x, *shift) < 1e-10
+    at_input_rate = PolyActivation(4, coef=act.coef.detach(), normalize=normalize).double()
+    if shift[0] % 1 or shift[1] % 1:   # integer shifts commute with any pointwise map; fractional ones do not
+        assert _equivariance_error(at_input_rate, x, *shift) > 1e-3
+
+
+@pytest.mark.parametrize("normalize", ["channel", "sample"])
+def test_scale_equivariant_poly_scales_like_relu(normalize):
+    """act(a x) = a act(x) for every a > 0 (like ReLU); a plain quadratic grows like a^2."""
+    x = _x((2, 4, 12, 10))
+    act, plain = _random_poly(normalize), _random_poly("none")
+    with torch.no_grad():
+        for a in (1e-3, 0.5, 10.0, 1e4):
+            assert float((act(a * x) - a * act(x)).abs().max() / (a * act(x)).abs().max()) < 1e-10
+        assert float((plain(10 * x) - 10 * plain(x)).abs().max() / (10 * plain(x)).abs().max()) > 0.1
+
+
+def test_scale_equivariant_poly_float32_and_gradients():
+    act = _random_poly("channel")
+    x = _x((2, 4, 12, 10))
+    # float32: shift error at float32 rounding
+    assert _equivariance_error(_random_poly("channel", dtype=torch.float32), x.float(), 0.5, 0.5) < 1e-5
+    # gradients flow through the polynomial and through s (exact, checked against finite differences)
+    xs = _x((1, 2, 5, 6)).requires_grad_()
+    small = _random_poly("channel", channels=2)
+    assert torch.autograd.gradcheck(small, (xs,), eps=1e-6, atol=1e-7)
+    act(x.requires_grad_()).square().sum().backward()
+    assert act.coef.grad is not None and torch.isfinite(act.coef.grad).all()
+
+
+def test_scaled_fit_matches_the_source_activation_on_its_inputs():
+    """PolyFit with a scale: least squares of s q(x / s) to f(x) over measured maps of very different scales."""
+    g = torch.Generator().manual_seed(0)
+    maps = [scale * torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) + 0.3 * scale
+            for scale in (0.1, 1.0, 30.0)]
+    fit = PolyFit(degree=2, channel_dim=1, scale_dims=(2, 3))
+    for m in maps:
+        fit.update(m, F.relu6(m))
+    fitted = PolyActivation.fitted(F.relu6, 3, fit=fit, normalize="channel").double()
+    generic = PolyActivation.fitted(F.relu6, 3, normalize="channel").double()
+    with torch.no_grad():
+        err = [float((fitted(m) - F.relu6(m)).pow(2).mean()) for m in maps]
+        err_generic = [float((generic(m) - F.relu6(m)).pow(2).mean()) for m in maps]
+    assert sum(err) < 0.5 * sum(err_generic), (err, err_generic)
+
+
+def test_normalize_is_validated():
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        PolyActivation(3, normalize="rms")
+    with pytest.raises(ValueError, match="degree >= 2"):
+        PolyActivation(3, degree=1, normalize="channel")
