@@ -1,11 +1,13 @@
 """Re-estimating BatchNorm statistics after conversion (BN recalibration, as after quantisation).
 
 A converted network computes different activations (polynomials instead of ReLU), so the running
-statistics its BatchNorms learned on the source network no longer normalise them: the scale error
-compounds through the polynomials, layer after layer, until the logits overflow. Running a few
+statistics its BatchNorms learned on the source network no longer match them exactly. Running a few
 batches through the converted model with the BatchNorms (only) in training mode, averaging their
-batch statistics, re-estimates them for the converted network. BatchNorm at eval stays a
-per-channel affine map: still exactly alias-free.
+batch statistics, re-estimates them for the converted network (recipe option
+``norm.recalibrate``). Off in ``afc``: its scale-equivariant activations keep the scale, the
+source's statistics fit real data, and statistics of noise at one size made plain-polynomial
+networks explode at other sizes. BatchNorm at eval stays a per-channel affine map: still exactly
+alias-free. Also: the calibration images (``load_calibration_images``) that activation fits use.
 """
 from __future__ import annotations
 

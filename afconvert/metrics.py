@@ -7,7 +7,7 @@ take an iterable of (x, target) batches and return the percentage over all image
 Conventions shared by all metrics:
 
 * **Prediction**: the top-1 class (argmax of the logits). A row of logits with any non-finite
-  value (inf/nan: e.g. an un-fine-tuned converted network whose polynomials overflow) is *no
+  value (inf/nan: e.g. a numerically unstable model) is *no
   prediction*: it is counted wrong, and it never agrees with another prediction.
 * **Shifts** are circular: ``y[n] = x[n - d]`` via ``afconvert.fractional_shift`` (band-limited;
   integer shifts are exactly ``torch.roll``).

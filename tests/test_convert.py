@@ -269,6 +269,7 @@ def test_calibration_fits_each_channel_to_its_measured_inputs():
     generic = afconvert.convert(source).act1.coef
     assert torch.unique(generic[:, 2]).numel() == 1
     assert any("fitted per channel by least squares on 8 calibration images" in n for n in model.afconvert_report.notes)
+    assert model.afconvert_report.stable  # fitted at 64 px: still bounded at the native 224 px
 
 
 def test_max_pool_options_exact_and_approximate():

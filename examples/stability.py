@@ -1,0 +1,71 @@
+"""Are converted models usable? max |logit| and float32 shift error of each converted model at 224 px.
+
+    python examples/stability.py                       # the test zoo (default initialisation, recipe afc)
+    python examples/stability.py resnet50 torchvision:resnet18 --size 160 --recipe afc-paper
+
+For each model (default initialisation, as a user converts it): max |logit| of the original and of
+the converted model on a standard-normal input (Nyquist bins zeroed), and the converted model's
+float32 shift error, max over integer and fractional shifts of |f(shift x) - f(x)| divided by the
+logits' spread (max - min over the batch and classes). 'non-finite' when a logit is inf or NaN.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+import afconvert
+from afconvert.models import create_source_model
+from afconvert.shift_check import DEFAULT_SHIFTS, random_input
+from afconvert.spectral import fractional_shift
+
+ZOO = [
+    "timm:resnet18", "timm:resnet50", "timm:resnet18d", "timm:resnext50_32x4d", "timm:seresnet50",
+    "timm:efficientnet_b0", "timm:efficientnet_lite0", "timm:mobilenetv2_100", "timm:mobilenetv3_large_100",
+    "timm:regnety_002", "timm:convnext_tiny", "timm:convnextv2_atto", "timm:densenet121", "timm:ghostnet_100",
+    "timm:repvgg_a0", "timm:tf_efficientnet_lite0",
+    "torchvision:resnet18", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
+    "torchvision:convnext_tiny", "torchvision:regnet_y_400mf",
+]
+
+
+def _fmt(v: float) -> str:
+    return "non-finite" if v != v or v == float("inf") else f"{v:.2g}"
+
+
+@torch.no_grad()
+def measure(name: str, size: int, recipe: str) -> dict:
+    torch.manual_seed(0)
+    source, _ = create_source_model(name, pretrained=False)
+    converted = afconvert.convert(source.eval(), recipe=recipe).eval()
+    x = random_input(2, 3, (size, size))
+    y_src, y = source(x), converted(x)
+    finite = bool(torch.isfinite(y).all())
+    shift = float("nan")
+    if finite:
+        spread = float(y.max() - y.min())
+        shift = max(float((converted(fractional_shift(x, *d)) - y).abs().max()) for d in DEFAULT_SHIFTS) / spread
+    return {"model": name, "original": float(y_src.abs().max()),
+            "converted": float(y.abs().max()) if finite else float("inf"), "shift": shift}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", default=ZOO)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--recipe", default="afc")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{'model':<32} {'max|logit| original':>20} {'converted':>12} {'f32 shift error':>16}   (size {args.size}, "
+          f"recipe {args.recipe})")
+    for name in args.models:
+        t0 = time.perf_counter()
+        r = measure(name, args.size, args.recipe)
+        print(f"{r['model']:<32} {_fmt(r['original']):>20} {_fmt(r['converted']):>12} {_fmt(r['shift']):>16}"
+              f"   {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
