@@ -10,7 +10,7 @@ import time
 import torch
 
 import afconvert
-from afconvert.models import create_source_model
+from afconvert.sources.models import create_source_model
 
 
 def _time(model, x, repeats):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import afconvert
-from afconvert.shift_check import relative_logit_change
+from afconvert.converter.certify import relative_logit_change
 
 
 def photo(size: int) -> torch.Tensor:

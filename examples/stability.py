@@ -15,9 +15,9 @@ import time
 import torch
 
 import afconvert
-from afconvert.models import create_source_model
-from afconvert.shift_check import DEFAULT_SHIFTS, random_input
-from afconvert.spectral import fractional_shift
+from afconvert.converter.certify import DEFAULT_SHIFTS, random_input
+from afconvert.layers.spectral import fractional_shift
+from afconvert.sources.models import create_source_model
 
 ZOO = [
     "timm:resnet18", "timm:resnet50", "timm:resnet18d", "timm:resnext50_32x4d", "timm:seresnet50",

@@ -24,9 +24,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import activations as timm_act
 
-from afconvert.highrate import DownsampledLinear, HighRatePolyActivation, UpsampledLinear
-from afconvert.poly import AliasFreePolyActivation, LowpassPolyActivation, PolyActivation, upsampling_factor
-from afconvert.rule import Judgement, Rule, Site, Verdict
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.poly import (
+    AliasFreePolyActivation,
+    LowpassPolyActivation,
+    PolyActivation,
+    upsampling_factor,
+)
+from afconvert.layers.resample import (
+    DownsampledLinear,
+    HighRatePolyActivation,
+    UpsampledLinear,
+)
 
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.SELU, nn.CELU,

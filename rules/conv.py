@@ -10,12 +10,16 @@
 from __future__ import annotations
 
 import torch.nn as nn
-
 from timm.layers import Conv2dSame
 
-from afconvert.conv import AliasFreeConv2d, CircularConv2d, centered_pad, tf_same_pad
-from afconvert.poly import LowpassPolyActivation, ResidualActivation
-from afconvert.rule import Judgement, Rule, Site, Verdict
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.conv import (
+    AliasFreeConv2d,
+    CircularConv2d,
+    centered_pad,
+    tf_same_pad,
+)
+from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
 
 
 def _judge_conv(site: Site, options: dict) -> Judgement:

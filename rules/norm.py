@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
 from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
 
-from afconvert.norm import AliasFreeLayerNorm
-from afconvert.rule import Judgement, Rule, Site, Verdict
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.norm import AliasFreeLayerNorm
 
 LAYERNORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, TorchvisionLayerNorm2d)
 CHANNELS_FIRST = (LayerNorm2d, TorchvisionLayerNorm2d)

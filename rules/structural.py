@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, SelectAdaptivePool2d
 from torchvision.ops import StochasticDepth, stochastic_depth
 
-from afconvert.highrate import DownsampledLinear, UpsampledLinear
-from afconvert.rule import Judgement, Rule, Site, Verdict
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.resample import DownsampledLinear, UpsampledLinear
 
 EXACT_LINEAR = (operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
                 torch.stack, "add", "sub", "add_", "neg", "contiguous", "clone", "to", "float", "type_as",

@@ -29,7 +29,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> tor
 def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0, gain: float = 1.0) -> torch.nn.Module:
     """Set every BatchNorm's running statistics to those of random inputs (a data-dependent init), so
     random-weight networks have input-dependent logits, and multiply its scale by ``gain``."""
-    from afconvert.shift_check import random_input
+    from afconvert.converter.certify import random_input
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()

@@ -1,0 +1,34 @@
+"""The command line.
+
+    afconvert MODEL --out model.pt [--weights FILE | --no-pretrained] [--recipe afc] [--input-size H W]
+    afconvert audit MODEL_OR_CHECKPOINT [--format json]
+    afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
+    afconvert recipes
+
+Each command is a module with ``run(argv)``, imported only when it runs; torch is imported only
+after the arguments are read, so ``--help`` and argument errors answer at once and Ctrl-C at any
+moment is one line.
+"""
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import importlib
+        name = COMMANDS.get(argv[0]) if argv else None
+        module = importlib.import_module(f"afconvert.cli.{name or 'convert'}")
+        return module.run(argv[1:] if name else argv)
+    except KeyboardInterrupt:
+        print("afconvert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""``afconvert audit MODEL_OR_CHECKPOINT``: the per-layer certificate, numerics and shift checks."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from afconvert.cli.common import add_model_arguments, guarded, model_kwargs
+
+__all__ = ["run"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afconvert audit", description="Per-layer alias-free certificate of a model. "
+                                "Exit code 1 when its logits are numerically unstable.")
+    add_model_arguments(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--all", action="store_true", help="list every node, not only those that matter")
+    return p
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    from afconvert.sources.names import check_name
+    checkpoint = Path(args.model).is_file()
+    if not checkpoint:
+        check_name(args.model)
+
+    from afconvert.converter.engine import audit
+    from afconvert.sources.checkpoint import load
+    from afconvert.sources.models import create_source_model
+
+    if checkpoint:
+        model = load(args.model)
+        size = args.input_size or model.afconvert_info["input_size"]
+    else:
+        model, _ = create_source_model(args.model, weights=args.weights, pretrained=not args.no_pretrained,
+                                       **model_kwargs(args))
+        size = args.input_size
+    report = audit(model, input_size=size)
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table(all_nodes=args.all))
+        print(report.summary())
+    if not report.stable:
+        print(f"afconvert audit: error: numerically unstable: {report.instability}; fix: re-convert with recipe afc "
+              f"or fine-tune it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    return guarded("afconvert", _main, argv)

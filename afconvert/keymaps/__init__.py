@@ -1,1 +1,0 @@
-"""Key-name maps from third-party checkpoint layouts onto timm models."""

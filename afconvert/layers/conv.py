@@ -1,0 +1,160 @@
+"""Circular convolutions, and strided convolutions made alias-free.
+
+Both classes subclass ``nn.Conv2d`` and keep its parameters (``weight``, ``bias``), so the
+state_dict keys and any checkpoint of the source layer load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afconvert.layers.spectral import ideal_downsample, zero_nyquist
+
+__all__ = ["circular_pad", "CircularConv2d", "AliasFreeConv2d", "conv_output_size"]
+
+
+def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
+    """Circular padding (left, right, top, bottom) of the last two dims, of any width.
+
+    Unlike ``F.pad(mode="circular")`` the padding may exceed the map: it wraps as many times as
+    needed, so the padded convolution is a true circular convolution (a 7x7 kernel on a 2x2 map).
+    """
+    left, right, top, bottom = (int(p) for p in pad)
+    if min(pad) < 0:
+        raise ValueError(f"circular padding must be non-negative, got {tuple(pad)}")
+    H, W = x.shape[-2:]
+    if left == right == top == bottom == 0:
+        return x
+    if max(left, right) <= W and max(top, bottom) <= H:
+        return F.pad(x, (left, right, top, bottom), mode="circular")
+    rows = torch.arange(-top, H + bottom, device=x.device) % H
+    cols = torch.arange(-left, W + right, device=x.device) % W
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """The output length of a zero-padded strided convolution (``nn.Conv2d``'s formula)."""
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class CircularConv2d(nn.Conv2d):
+    """Stride-1 convolution with circular padding: exactly equivariant to circular shifts.
+
+    ``pad`` = (left, right, top, bottom); by default the source layer's symmetric padding, or
+    (k-1)//2 left and k-1-(k-1)//2 right when the layer kept no padding (so H, W are kept).
+    """
+
+    def __init__(self, *args, pad: Sequence[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.stride != (1, 1):
+            raise ValueError("CircularConv2d is stride 1: use AliasFreeConv2d for strided layers")
+        self.pad = tuple(pad) if pad is not None else _symmetric_pad(self)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, pad: Sequence[int] | None = None) -> "CircularConv2d":
+        """The same parameters (shared, not copied) in a circular stride-1 layer."""
+        new = cls.__new__(cls)
+        nn.Conv2d.__init__(new, conv.in_channels, conv.out_channels, conv.kernel_size, 1, 0, conv.dilation,
+                           conv.groups, conv.bias is not None, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        new.pad = tuple(pad) if pad is not None else _symmetric_pad(conv)
+        return new
+
+    def _circular_conv(self, x: torch.Tensor) -> torch.Tensor:
+        x = circular_pad(x, self.pad)
+        return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._circular_conv(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", circular_pad={self.pad}"
+
+
+class AliasFreeConv2d(CircularConv2d):
+    """A stride-s convolution made alias-free: stride-1 circular conv, then ideal down-sampling.
+
+    y = D_s(w (*) x), where (*) is circular convolution and D_s keeps the bins |k| < n/2 of the
+    output size n (the source layer's own output size, so every downstream shape is unchanged)
+    and resamples. The weights are the source layer's. Optional extras, in order:
+
+    * ``input_filter``: remove the input's Nyquist bins first (for the layer that reads the
+      image: the only part of an image with no unique sub-pixel shift);
+    * ``pre_down``: a module applied at the full rate before down-sampling (the paper's stem
+      activation).
+    """
+
+    def __init__(self, *args, **kwargs):  # built with from_conv
+        raise TypeError("build AliasFreeConv2d with AliasFreeConv2d.from_conv(conv, ...)")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, pad: Sequence[int] | None = None, pre_down: nn.Module | None = None,
+                  input_filter: bool = False, same_size: bool = False) -> "AliasFreeConv2d":
+        """``same_size``: the source pads dynamically (TF 'same'), its output is ceil(N / s)."""
+        new = super().from_conv(conv, pad)
+        new.down = tuple(conv.stride)
+        new.source_padding = tuple(conv.padding) if not isinstance(conv.padding, str) else (0, 0)
+        new.same_size = same_size or conv.padding == "same"
+        new.input_filter = input_filter
+        if pre_down is not None:
+            new.pre_down = pre_down
+        return new
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The source layer's output size: nn.Conv2d's formula, or ceil(N / s) for 'same' padding."""
+        k, d, p, s = self.kernel_size, self.dilation, self.source_padding, self.down
+        if self.same_size:
+            return (-(-h // s[0]), -(-w // s[1]))
+        return (max(1, conv_output_size(h, k[0], s[0], p[0], d[0])),
+                max(1, conv_output_size(w, k[1], s[1], p[1], d[1])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.output_size(*x.shape[-2:])
+        if self.input_filter:
+            x = zero_nyquist(x)
+        y = self._circular_conv(x)
+        if "pre_down" in self._modules:
+            y = self.pre_down(y)
+        return ideal_downsample(y, self.down, size=size)
+
+    def extra_repr(self) -> str:
+        extra = ", input_filter=True" if self.input_filter else ""
+        return super().extra_repr() + f", ideal_down={self.down}{extra}"
+
+
+def _symmetric_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) circular padding that keeps H, W at stride 1.
+
+    The source layer's padding p goes on the left (so stride-1 output n lines up with the
+    strided layer's sample s*n), the rest of the kernel's reach d(k-1) on the right.
+    """
+    if isinstance(conv.padding, str):  # 'same' / 'valid': centre the kernel
+        ph = pw = None
+    else:
+        ph, pw = conv.padding
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    reach_h, reach_w = dh * (kh - 1), dw * (kw - 1)
+    top = reach_h // 2 if ph is None else min(ph, reach_h)
+    left = reach_w // 2 if pw is None else min(pw, reach_w)
+    return (left, reach_w - left, top, reach_h - top)
+
+
+def tf_same_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """TF 'same' alignment for a strided conv on a size divisible by its stride: of the total
+    padding d(k-1) + 1 - s, half (rounded down) on the left; circular stride-1 padding covers the
+    rest of the kernel's reach on the right."""
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    rh, rw = dh * (kh - 1), dw * (kw - 1)
+    top, left = max(rh + 1 - sh, 0) // 2, max(rw + 1 - sw, 0) // 2
+    return (left, rw - left, top, rh - top)
+
+
+def centered_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) = ((k-1)//2, k-1-(k-1)//2, ...): the paper's alignment."""
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    rh, rw = dh * (kh - 1), dw * (kw - 1)
+    return (rw // 2, rw - rw // 2, rh // 2, rh - rh // 2)

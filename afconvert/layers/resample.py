@@ -1,0 +1,85 @@
+"""Pointwise layers that move a signal to and from a higher sampling rate.
+
+Ideal up-sampling U and down-sampling D are linear and act on each channel alone, so they commute
+with any pointwise linear map W (a Linear over channels-last maps, a 1x1 conv): U(W x) = W U(x)
+and D(W z) = W D(z). A block ``fc1 -> activation -> fc2`` made alias-free as
+``fc1 -> D(p(U(.))) -> fc2`` may therefore run as ``D(fc2(p(fc1(U(x)))))``: the same function,
+with the FFTs on the block's C channels instead of its expanded (e.g. 4C) hidden channels. This is
+how the official ConvNeXt-AFC builds its MLP. Both layers keep ``nn.Linear``'s parameters.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afconvert.layers.poly import PolyActivation
+from afconvert.layers.spectral import ideal_resample
+
+__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation", "IdealUpsample"]
+
+
+def _share(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]):
+    new = cls.__new__(cls)
+    nn.Linear.__init__(new, linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    new.weight, new.bias = linear.weight, linear.bias
+    new.train(linear.training)
+    new.factor, new.spatial_dims = int(factor), tuple(spatial_dims)
+    return new
+
+
+class UpsampledLinear(nn.Linear):
+    """y = W U_f(x) + b: ideal up-sampling by ``factor`` along ``spatial_dims``, then the linear map
+    over the last (channel) dim. (..., H, W, C_in) -> (..., fH, fW, C_out)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]) -> "UpsampledLinear":
+        return _share(cls, linear, factor, spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [x.shape[d] * self.factor for d in self.spatial_dims]
+        return F.linear(ideal_resample(x, size, self.spatial_dims), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ideal_up={self.factor}, spatial_dims={self.spatial_dims}"
+
+
+class DownsampledLinear(nn.Linear):
+    """y = D_f(W x + b): the linear map, then ideal low-pass and down-sampling by ``factor``.
+    (..., fH, fW, C_in) -> (..., H, W, C_out)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]) -> "DownsampledLinear":
+        return _share(cls, linear, factor, spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        size = [y.shape[d] // self.factor for d in self.spatial_dims]
+        return ideal_resample(y, size, self.spatial_dims)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ideal_down={self.factor}, spatial_dims={self.spatial_dims}"
+
+
+class HighRatePolyActivation(PolyActivation):
+    """A PolyActivation meant to run between an ``UpsampledLinear`` and a ``DownsampledLinear``
+    whose factor is at least (degree + 1) / 2: pointwise here (with ``normalize``, one L4 scale per
+    map, taken at the high rate), alias-free as a whole (the audit checks those neighbours in the
+    graph)."""
+
+
+class IdealUpsample(nn.Module):
+    """Ideal (sinc) up-sampling by an integer ``factor`` of NCHW maps: replaces nearest/bilinear
+    up-sampling, whose interpolation kernels leave spectral images of the signal (aliases)."""
+
+    def __init__(self, factor: int | Sequence[int] = 2):
+        super().__init__()
+        self.factor = (factor, factor) if isinstance(factor, int) else tuple(int(f) for f in factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ideal_resample(x, [x.shape[-2] * self.factor[0], x.shape[-1] * self.factor[1]], (-2, -1))
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"

@@ -1,0 +1,96 @@
+"""Self-describing checkpoints: enough to rebuild the converted model, and nothing to unpickle.
+
+    {"format": "afconvert/1", "source": {"library", "name", "kwargs", "weights"},
+     "recipe": {"name", "options"}, "input_size": [H, W], "in_chans": C,
+     "versions": {"afconvert", "torch", "timm"}, "state_dict": {...}}
+
+``load`` rebuilds (create the source model, convert it with the saved recipe options) and loads
+the state_dict strictly; the file is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from afconvert.atomic import atomic_write
+from afconvert.converter.recipe import Recipe
+from afconvert.sources.models import SourceSpec, load_error
+
+__all__ = ["save", "load", "atomic_save", "CheckpointError", "FORMAT"]
+
+FORMAT = "afconvert/1"
+
+
+class CheckpointError(ValueError):
+    """An afconvert checkpoint that cannot be read or does not describe a model."""
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to ``path`` atomically (see ``afconvert.atomic``): never a half-written file."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def _versions() -> dict:
+    from afconvert import __version__
+    out = {"afconvert": __version__, "torch": str(torch.__version__)}
+    try:
+        import timm
+        out["timm"] = str(timm.__version__)
+    except ImportError:
+        pass
+    return out
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    """Write a converted model (from ``afconvert.convert`` of a named source) to ``path`` atomically."""
+    info = getattr(model, "afconvert_info", None)
+    if not info:
+        raise CheckpointError("this model was not made by afconvert.convert: nothing says how to rebuild it; "
+                              "fix: convert it first (afconvert.convert(model))")
+    source = info.get("source")
+    if source is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        arch = cfg.get("architecture")
+        if not arch:
+            raise CheckpointError("cannot tell which model to rebuild at load time (not a timm model); fix: build it "
+                                  "by name (afconvert.build('timm:NAME')) or save model.state_dict() yourself")
+        kwargs = {"num_classes": getattr(model, "num_classes", 1000)}
+        source = SourceSpec(arch, "timm", kwargs, weights="from this checkpoint").to_dict()
+    ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info["recipe"], "options": info["options"]},
+            "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "versions": _versions(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    atomic_save(ckpt, path)
+
+
+def read(path: str | Path) -> dict:
+    """The checkpoint's contents, checked, without building anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_error(exc)}; fix: re-create it with "
+                              f"`afconvert MODEL --out {path.name}`") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an afconvert checkpoint (no format '{FORMAT}'); fix: load plain "
+                              f"state_dicts with `afconvert MODEL --weights {path.name}`")
+    return ckpt
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the converted model saved at ``path`` and load its weights (strict). Returns it in eval mode."""
+    from afconvert.sources.pipeline import rebuild
+    ckpt = read(path)
+    spec = SourceSpec.from_dict(ckpt["source"])
+    recipe = Recipe(name=ckpt["recipe"]["name"], summary="", options=ckpt["recipe"]["options"])
+    model = rebuild(spec, recipe, ckpt["input_size"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the rebuilt {spec.name} "
+                              f"({str(exc).splitlines()[0]}); fix: load it with the afconvert/timm versions that "
+                              f"wrote it: {ckpt.get('versions')}") from exc
+    return model.to(map_location).eval()

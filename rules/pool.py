@@ -1,0 +1,83 @@
+"""Pooling.
+
+* A stride-s average pool is a box filter then sub-sampling: it aliases everything above N/(2s)
+  that the box filter lets through. Alias-free: the box filter as a stride-1 circular filter, then
+  ideal down-sampling (exact).
+* A stride-s max pool aliases twice: the max creates harmonics, the stride folds them.
+  ``pool.max = "ideal"`` (default, exact): ideal down-sampling alone, the max dropped.
+  ``pool.max = "max"`` (approximate): a stride-1 circular max, then ideal down-sampling; the
+  max's harmonics above the new band are removed, those it folds inside are not.
+* A stride-1 max pool is a pointwise-in-windows nonlinearity: not alias-free (kept, reported).
+* A global average pool keeps the DC bin only: exact (see structural.py).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.pool import AliasFreePool2d
+
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, MaxPool2dSame, AvgPool2dSame)
+# functional forms and their parameters, in order (they have no introspectable signature)
+FUNCTIONAL = {F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                            "return_indices")),
+              F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                            "divisor_override"))}
+
+
+def _pool_of(site: Site) -> nn.Module | None:
+    """The pool module of a site: its own, or one built from a functional call's constant arguments."""
+    if site.module is not None:
+        return site.module
+    cls, names = FUNCTIONAL[site.node.target]
+    params = {**dict(zip(names, site.node.args[1:])), **site.node.kwargs}
+    if any(isinstance(v, fx.Node) for v in params.values()) or params.get("return_indices"):
+        return None
+    params.pop("divisor_override", None)
+    return cls(**params)
+
+
+def _stride(pool) -> tuple[int, int]:
+    s = pool.stride if pool.stride is not None else pool.kernel_size
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def _judge_pool(site: Site, options: dict) -> Judgement:
+    pool = _pool_of(site)
+    if pool is None:
+        return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
+    if isinstance(pool, AliasFreePool2d):
+        if pool.mode == "max":
+            return Judgement(Verdict.APPROX, "stride-1 circular max before ideal down-sampling: the max's own "
+                                             "harmonics inside the band still alias")
+        return Judgement(Verdict.EXACT, f"{'circular box filter + ' if pool.mode == 'avg' else ''}ideal "
+                                        f"down-sampling by {pool.stride}")
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input")
+    kind = "max" if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)) else "average"
+    if _stride(pool) == (1, 1):
+        if kind == "average":
+            return Judgement(Verdict.NOT, "zero-padded stride-1 average pool: not circular")
+        return Judgement(Verdict.NOT, "stride-1 max pool: a nonlinearity at the input rate")
+    return Judgement(Verdict.NOT, f"stride-{_stride(pool)[0]} {kind} pooling sub-samples below Nyquist")
+
+
+def _convert_pool(site: Site, options: dict):
+    pool = _pool_of(site)
+    if pool is None or isinstance(pool, AliasFreePool2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
+        return None
+    same = isinstance(pool, (MaxPool2dSame, AvgPool2dSame))
+    if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)):
+        if _stride(pool) == (1, 1):
+            return None  # no alias-free max at the same rate: reported as is
+        return AliasFreePool2d.from_pool(pool, options.get("max", "ideal"), same)
+    return AliasFreePool2d.from_pool(pool, "avg", same)
+
+
+RULES = [
+    Rule(name="pool", family="pool", targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d,), judge=_judge_pool,
+         convert=_convert_pool),
+]

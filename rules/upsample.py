@@ -1,0 +1,62 @@
+"""Up-sampling.
+
+Nearest or bilinear up-sampling by an integer factor f is zero-insertion followed by a short
+interpolation kernel (box or triangle): the kernel passes part of the spectral images at
+k +- N, so a fractional shift of the input is not a shift of the output. Ideal up-sampling
+keeps exactly the input's band (|k| < N/2, the Nyquist bin split in half): exact. Only integer
+scale factors convert; other sizes are reported.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.layers.resample import IdealUpsample
+
+UPSAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+
+
+_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _upsampler_of(site: Site) -> nn.Module | None:
+    """The site's module, or an ``nn.Upsample`` built from an ``F.interpolate`` call's constant arguments."""
+    if site.module is not None:
+        return site.module
+    params = {**dict(zip(_INTERPOLATE_ARGS, site.node.args[1:])), **site.node.kwargs}
+    if any(isinstance(v, fx.Node) for v in params.values()):
+        return None
+    return nn.Upsample(size=params.get("size"), scale_factor=params.get("scale_factor"),
+                       mode=params.get("mode", "nearest"))
+
+
+def _integer_factor(m: nn.Module) -> tuple[int, int] | None:
+    f = m.scale_factor
+    if f is None or m.size is not None:
+        return None
+    f = (f, f) if not isinstance(f, (tuple, list)) else tuple(f)
+    return tuple(int(v) for v in f) if all(float(v).is_integer() and v >= 1 for v in f) else None
+
+
+def _judge(site: Site, options: dict) -> Judgement:
+    up = _upsampler_of(site)
+    if isinstance(up, IdealUpsample):
+        return Judgement(Verdict.EXACT, f"ideal up-sampling by {up.factor}")
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input")
+    mode = up.mode if up is not None else "computed-size"
+    return Judgement(Verdict.NOT, f"{mode} resampling leaves spectral images (aliases)")
+
+
+def _convert(site: Site, options: dict):
+    up = _upsampler_of(site)
+    factor = _integer_factor(up) if up is not None and not isinstance(up, IdealUpsample) else None
+    if factor is None or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
+        return None
+    return IdealUpsample(factor)
+
+
+RULES = [Rule(name="upsample", family="upsample", targets=UPSAMPLERS + (F.interpolate, IdealUpsample), judge=_judge,
+              convert=_convert)]

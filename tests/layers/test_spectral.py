@@ -1,0 +1,137 @@
+"""Properties of the ideal filters and the band-limited shift (afconvert.layers.spectral)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from afconvert.layers.spectral import (
+    fractional_shift,
+    ideal_downsample,
+    ideal_lowpass,
+    ideal_resample,
+    ideal_upsample,
+    zero_nyquist,
+)
+
+sizes = st.integers(min_value=3, max_value=24)
+shifts = st.floats(min_value=-5, max_value=5, allow_nan=False).map(lambda v: round(v, 3))
+FAST = settings(max_examples=40, deadline=None)
+
+
+def _x(h, w, seed=0, dtype=torch.float64, chans=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, chans, h, w, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _trig_interp_1d(x: np.ndarray, t: float) -> float:
+    """Independent reference: the symmetric trigonometric interpolant of x evaluated at real t."""
+    n = len(x)
+    X = np.fft.fft(x)
+    val = 0.0
+    for k in range(n):
+        kk = k if k < n / 2 else k - n
+        if n % 2 == 0 and k == n // 2:
+            val += (X[k] * math.cos(math.pi * t)).real
+        else:
+            val += (X[k] * np.exp(2j * math.pi * kk * t / n)).real
+    return val / n
+
+
+@FAST
+@given(n=sizes, d=shifts)
+def test_fractional_shift_matches_trigonometric_interpolation(n, d):
+    x = _x(1, n)[0, 0, 0]
+    y = fractional_shift(x.reshape(1, 1, 1, n), 0, d)[0, 0, 0]
+    ref = [_trig_interp_1d(x.numpy(), i - d) for i in range(n)]
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-10)
+
+
+@FAST
+@given(h=sizes, w=sizes, dy=st.integers(-7, 7), dx=st.integers(-7, 7))
+def test_integer_shift_is_roll(h, w, dy, dx):
+    x = _x(h, w)
+    torch.testing.assert_close(fractional_shift(x, dy, dx), torch.roll(x, (dy, dx), (2, 3)))
+    # and the FFT path agrees with roll too (shift by d + tiny, then compare loosely)
+    torch.testing.assert_close(fractional_shift(x, dy + 1e-12, dx), torch.roll(x, (dy, dx), (2, 3)), atol=1e-9, rtol=0)
+
+
+@FAST
+@given(h=sizes, w=sizes, a=shifts, b=shifts, c=shifts, d=shifts)
+def test_shifts_compose_without_nyquist(h, w, a, b, c, d):
+    x = zero_nyquist(_x(h, w))
+    two = fractional_shift(fractional_shift(x, a, b), c, d)
+    torch.testing.assert_close(two, fractional_shift(x, a + c, b + d), atol=1e-10, rtol=0)
+
+
+def test_nyquist_convention_is_cosine():
+    x = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64).reshape(1, 1, 1, 4)  # all Nyquist
+    for d in (0.25, 0.5, 1.5):
+        torch.testing.assert_close(fractional_shift(x, 0, d), x * math.cos(math.pi * d))
+
+
+@FAST
+@given(n=st.integers(1, 8), f=st.sampled_from([2, 3, 4]), m=st.integers(1, 6))
+def test_downsample_is_lowpass_then_subsample(n, f, m):
+    N = n * f
+    x = _x(N, m * f)
+    ref = ideal_lowpass(x, 1.0 / f)[..., ::f, ::f]
+    torch.testing.assert_close(ideal_downsample(x, f), ref, atol=1e-12, rtol=0)
+
+
+@FAST
+@given(h=sizes, w=sizes, f=st.sampled_from([2, 3]))
+def test_upsample_then_downsample_is_identity_without_nyquist(h, w, f):
+    x = zero_nyquist(_x(h, w))
+    torch.testing.assert_close(ideal_downsample(ideal_upsample(x, f), f), x, atol=1e-12, rtol=0)
+    up = ideal_upsample(x, f)
+    torch.testing.assert_close(up[..., ::f, ::f], x, atol=1e-12, rtol=0)  # interpolates: keeps the samples
+
+
+@FAST
+@given(n=st.integers(2, 10), f=st.sampled_from([2, 4]), dy=shifts, dx=shifts)
+def test_downsample_is_equivariant(n, f, dy, dx):
+    x = zero_nyquist(_x(n * f, (n + 1) * f))
+    lhs = ideal_downsample(fractional_shift(x, dy, dx), f)
+    rhs = fractional_shift(ideal_downsample(x, f), dy / f, dx / f)
+    torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=0)
+
+
+def test_naive_subsampling_fails_the_same_check():
+    x = zero_nyquist(_x(16, 16))
+    lhs = fractional_shift(x, 1, 1)[..., ::2, ::2]
+    rhs = fractional_shift(x[..., ::2, ::2], 0.5, 0.5)
+    assert (lhs - rhs).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size_in,size_out", [((9, 7), (4, 3)), ((10, 13), (21, 5)), ((12, 12), (12, 12))])
+def test_resample_any_size_and_dtype(size_in, size_out):
+    for dtype in (torch.float32, torch.float64):
+        x = _x(*size_in, dtype=dtype)
+        y = ideal_resample(x, size_out)
+        assert y.shape[-2:] == size_out and y.dtype == dtype
+        # the DC bin (the mean) is always kept
+        torch.testing.assert_close(y.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_dims():
+    x = zero_nyquist(_x(8, 12))
+    nhwc = x.permute(0, 2, 3, 1)
+    torch.testing.assert_close(ideal_downsample(nhwc, 2, dims=(1, 2)), ideal_downsample(x, 2).permute(0, 2, 3, 1))
+    torch.testing.assert_close(fractional_shift(nhwc, 0.5, 0.25, dims=(1, 2)),
+                               fractional_shift(x, 0.5, 0.25).permute(0, 2, 3, 1))
+
+
+def test_gradients_flow():
+    x = _x(8, 8).requires_grad_()
+    ideal_downsample(ideal_upsample(x, 2) ** 2, 2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_errors_are_clear():
+    with pytest.raises(TypeError, match="floating point"):
+        ideal_upsample(torch.ones(1, 1, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="positive"):
+        ideal_resample(_x(4, 4), (0, 4))
