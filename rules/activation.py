@@ -18,24 +18,43 @@ squares the scale at each layer, and deep BatchNorm networks overflow).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import activations as timm_act
 
+from afconvert.converter import rule
+from afconvert.converter.passes import linear_neighbours
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.poly import (
+    NORMALIZE,
     AliasFreePolyActivation,
     LowpassPolyActivation,
     PolyActivation,
+    PolyFit,
+    scale_dims,
     upsampling_factor,
 )
-from afconvert.layers.resample import (
-    DownsampledLinear,
-    HighRatePolyActivation,
-    UpsampledLinear,
-)
+from afconvert.layers.resample import DownsampledLinear, HighRatePolyActivation, UpsampledLinear
+
+FAMILY = "activation"
+
+
+@dataclass(frozen=True)
+class Options(rule.Options):
+    """[activation]"""
+
+    replace: str = "poly"                   # "poly": alias-free polynomial; "keep"
+    degree: int = 2                         # evaluated on the signal up-sampled by ceil((degree + 1) / 2)
+    fit_range: tuple[float, float] = (-3.0, 3.0)   # least-squares fit of the original activation over this range
+    in_scale: float = 1.0                   # the paper's input / output scales (the fit absorbs them)
+    out_scale: float = 1.0
+    train_scale: bool = False
+    normalize: str = field(default="channel", metadata={"choices": NORMALIZE})  # scale-equivariant: s q(x / s)
+    fuse_linear: bool = True                # fc1 -> act -> fc2: up-sample before fc1, down-sample after fc2
+
 
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.SELU, nn.CELU,
@@ -53,48 +72,23 @@ METHODS = ("relu", "relu_", "sigmoid", "tanh")
 
 def _function_of(site: Site):
     """The activation as a function of its first input: the module, or the call with its constant arguments."""
-    node = site.node
     if site.module is not None:
         return site.module.eval()
-    rest, kwargs = node.args[1:], dict(node.kwargs)
-    if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
+    args = site.constant_args()
+    if args is None:
         return None  # a parameter that is itself computed: not a fixed function
+    rest, kwargs = args
     kwargs.pop("inplace", None)
+    node = site.node
     if node.op == "call_method":
         return lambda t: getattr(t, node.target.rstrip("_"))(*rest, **kwargs)
     return lambda t: node.target(t, *[a for a in rest if not isinstance(a, bool)], **kwargs)
 
 
-# pointwise modules that may stand between an activation and the next Linear (timm's Mlp: drop1, norm)
-_PASS_THROUGH = (nn.Identity, nn.Dropout)
-
-
-def _linear_neighbours(site: Site) -> tuple[fx.Node, fx.Node] | None:
-    """(fc1, fc2) call_module nodes when the site is fc1 -> act -> [identity/dropout] -> fc2, each
-    used once, so the pair can carry the up- and down-sampling."""
-    node = site.node
-    modules = dict(node.graph.owning_module.named_modules())
-    before = node.args[0] if node.args else None
-    if not (isinstance(before, fx.Node) and before.op == "call_module" and len(before.users) == 1):
-        return None
-    cur = node
-    while len(cur.users) == 1:
-        nxt = next(iter(cur.users))
-        if nxt.op != "call_module" or len(nxt.args) != 1:
-            return None
-        if isinstance(modules[nxt.target], _PASS_THROUGH):
-            cur = nxt
-            continue
-        return (before, nxt) if isinstance(modules[before.target], nn.Linear) and \
-            isinstance(modules[nxt.target], nn.Linear) else None
-    return None
-
-
 def _judge_high_rate(site: Site, act: HighRatePolyActivation) -> Judgement:
-    pair = _linear_neighbours(site)
+    pair = linear_neighbours(site)
     if pair is not None:
-        modules = dict(site.node.graph.owning_module.named_modules())
-        up, down = modules[pair[0].target], modules[pair[1].target]
+        up, down = (site.analysis.module(n.target) for n in pair)
         if isinstance(up, UpsampledLinear) and isinstance(down, DownsampledLinear) and \
                 up.factor == down.factor >= upsampling_factor(act.degree):
             return Judgement(Verdict.EXACT, f"degree-{act.degree} polynomial between ideal {up.factor}x up-sampling "
@@ -102,7 +96,7 @@ def _judge_high_rate(site: Site, act: HighRatePolyActivation) -> Judgement:
     return Judgement(Verdict.NOT, "high-rate polynomial without its up-/down-sampling neighbours")
 
 
-def _judge_activation(site: Site, options: dict) -> Judgement:
+def _judge_activation(site: Site, options: Options) -> Judgement:
     act = site.module
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input: already shift-invariant")
@@ -117,35 +111,37 @@ def _judge_activation(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.NOT, "pointwise nonlinearity creates harmonics above Nyquist")
 
 
-def _convert_activation(site: Site, options: dict) -> nn.Module | None:
-    act = site.module
-    if not site.spatial or isinstance(act, PolyActivation):
-        return None
-    fn, x = _function_of(site), site.x
-    if fn is None or x is None or x.spatial_dims is None or x.channel_dim is None:
+def _convertible(site: Site) -> bool:
+    x = site.x
+    return site.spatial and not isinstance(site.module, PolyActivation) and x is not None \
+        and x.spatial_dims is not None and x.channel_dim is not None
+
+
+def _poly(site: Site, options: Options) -> nn.Module | None:
+    """The activation as an alias-free polynomial, per channel (one shared by all channels when the module is
+    called at several places: torchvision's ResNet has one self.relu, seen with several channel counts)."""
+    fn = _function_of(site)
+    if fn is None or not _convertible(site):
         return None  # kept, and judged: not alias-free (computed arguments, flattened or unknown layout)
-    degree = int(options.get("degree", 2))
-    rng = tuple(float(v) for v in options.get("fit_range", (-3.0, 3.0)))
-    kwargs = dict(in_scale=float(options.get("in_scale", 1.0)), out_scale=float(options.get("out_scale", 1.0)),
-                  train_scale=bool(options.get("train_scale", False)), channel_dim=x.channel_dim,
-                  normalize=str(options.get("normalize", "none")), spatial_dims=x.spatial_dims,
-                  fit=site.stats)  # measured on calibration data: a per-channel fit
-    pair = _linear_neighbours(site) if options.get("fuse_linear", True) and site.module is not None else None
-    if pair is not None and x.channel_dim == len(x.shape) - 1:
-        # fc1 -> act -> fc2 on channels-last maps: up-sample before fc1, down-sample after fc2 (exact, fewer FFTs)
-        modules = dict(site.node.graph.owning_module.named_modules())
-        factor = upsampling_factor(degree)
-        return {pair[0].target: UpsampledLinear.from_linear(modules[pair[0].target], factor, x.spatial_dims),
-                site.node.target: HighRatePolyActivation.fitted(fn, x.channels, degree, rng, **kwargs),
-                pair[1].target: DownsampledLinear.from_linear(modules[pair[1].target], factor, x.spatial_dims)}
-    # a module called at several places (torchvision's ResNet: one self.relu for all) may see several
-    # channel counts: it gets one polynomial shared by all channels, fitted the same way
+    x = site.x
     channels = 1 if site.calls > 1 else x.channels
-    return AliasFreePolyActivation.fitted(fn, channels, degree, rng, **kwargs)
+    return AliasFreePolyActivation.fitted(
+        fn, channels, options.degree, options.fit_range, in_scale=options.in_scale, out_scale=options.out_scale,
+        train_scale=options.train_scale, channel_dim=x.channel_dim, normalize=options.normalize,
+        spatial_dims=x.spatial_dims, fit=site.stats)  # measured on calibration data: a per-channel fit
+
+
+def _measure(site: Site, options: Options) -> PolyFit | None:
+    """Least-squares statistics of the site's polynomial against the source activation (``PolyFit``)."""
+    if site.module is None or not _convertible(site):
+        return None
+    x = site.x
+    return PolyFit(options.degree, x.channel_dim, scale_dims(options.normalize, x.spatial_dims, x.channel_dim),
+                   shared=site.calls > 1)
 
 
 RULES = [
-    Rule(name="activation", family="activation", targets=ACTIVATIONS + FUNCTIONS + METHODS + (
+    Rule(name="activation", family=FAMILY, targets=ACTIVATIONS + FUNCTIONS + METHODS + (
         PolyActivation, AliasFreePolyActivation, LowpassPolyActivation, HighRatePolyActivation),
-         judge=_judge_activation, convert=_convert_activation),
+         judge=_judge_activation, strategies={"poly": _poly}, measure=_measure),
 ]

@@ -9,23 +9,48 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch.nn as nn
 from timm.layers import Conv2dSame
 
+from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
-from afconvert.layers.conv import (
-    AliasFreeConv2d,
-    CircularConv2d,
-    centered_pad,
-    tf_same_pad,
-)
+from afconvert.layers.conv import AliasFreeConv2d, CircularConv2d, centered_pad, tf_same_pad
 from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
 
+FAMILY = "conv"
 
-def _judge_conv(site: Site, options: dict) -> Judgement:
+
+@dataclass(frozen=True)
+class StemActivation:
+    """[conv.stem_activation]: the paper's stem, x + gamma * s_out (c0 + c1 z + c2 z LPF_c(z)), z = s_in x,
+    before the down-sampling of the layer that reads the image."""
+
+    residual: bool = True
+    cutoff: float = 0.75
+    coef: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    in_scale: float = 1.0
+    out_scale: float = 1.0
+    train_scale: bool = False
+    gamma: float = 0.0
+
+
+@dataclass(frozen=True)
+class Options(rule.Options):
+    """[conv]"""
+
+    replace: str = "ideal"          # "ideal": stride 1 + ideal down-sampling; "keep"
+    padding: str = field(default="circular", metadata={"choices": ("circular", "source")})  # of stride-1 convs
+    alignment: str = field(default="source", metadata={"choices": ("source", "centered")})  # strided sampling grid
+    input_filter: bool = True       # the layer reading the image drops its Nyquist bins
+    stem_activation: StemActivation | None = None
+
+
+def _judge_conv(site: Site, options: Options) -> Judgement:
     conv: nn.Conv2d = site.module
     if isinstance(conv, AliasFreeConv2d):
-        pre = conv._modules.get("pre_down")
+        pre = getattr(conv, "pre_down", None)
         if pre is not None and not _stem_activation_is_exact(pre, conv.down):
             return Judgement(Verdict.APPROX, "full-rate activation before down-sampling leaves aliases in band")
         extra = "; input Nyquist bins removed" if conv.input_filter else ""
@@ -60,7 +85,7 @@ def _stem_activation_is_exact(pre: nn.Module, down: tuple[int, int]) -> bool:
     return all(1.0 / s <= 1.0 - act.cutoff + 1e-12 for s in down)
 
 
-def _convert_conv(site: Site, options: dict) -> nn.Module | None:
+def _ideal(site: Site, options: Options) -> nn.Module | None:
     conv: nn.Conv2d = site.module
     if type(conv) not in (nn.Conv2d, Conv2dSame) or not site.spatial:
         return None
@@ -71,26 +96,23 @@ def _convert_conv(site: Site, options: dict) -> nn.Module | None:
     if not strided and not reach:
         return None  # 1x1 stride 1: already exact
     tf_same = type(conv) is Conv2dSame
-    if options.get("alignment", "source") == "centered":
+    if options.alignment == "centered":
         pad = centered_pad(conv)
     else:
         pad = tf_same_pad(conv) if tf_same else None
     if not strided:
-        if options.get("padding", "circular") != "circular":
-            return None
-        return CircularConv2d.from_conv(conv, pad)
+        return CircularConv2d.from_conv(conv, pad) if options.padding == "circular" else None
     pre_down = None
-    stem = options.get("stem_activation")
-    if stem and site.reads_input:
-        act = LowpassPolyActivation(conv.out_channels, cutoff=float(stem.get("cutoff", 0.75)),
-                                    coef=stem.get("coef"), in_scale=stem.get("in_scale", 1.0),
-                                    out_scale=stem.get("out_scale", 1.0), train_scale=stem.get("train_scale", False))
-        pre_down = ResidualActivation(act, gamma=stem.get("gamma", 0.0)) if stem.get("residual", True) else act
+    stem = options.stem_activation
+    if stem is not None and site.reads_input:
+        act = LowpassPolyActivation(conv.out_channels, cutoff=stem.cutoff, coef=list(stem.coef),
+                                    in_scale=stem.in_scale, out_scale=stem.out_scale, train_scale=stem.train_scale)
+        pre_down = ResidualActivation(act, gamma=stem.gamma) if stem.residual else act
     return AliasFreeConv2d.from_conv(conv, pad, pre_down=pre_down, same_size=tf_same,
-                                     input_filter=bool(options.get("input_filter", False)) and site.reads_input)
+                                     input_filter=options.input_filter and site.reads_input)
 
 
 RULES = [
-    Rule(name="conv2d", family="conv", targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d),
-         judge=_judge_conv, convert=_convert_conv),
+    Rule(name="conv2d", family=FAMILY, targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d),
+         judge=_judge_conv, strategies={"ideal": _ideal}),
 ]

@@ -11,13 +11,30 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
 from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
 
+from afconvert.converter import rule
+from afconvert.converter.calibrate import calibration_batches, recalibrate_batchnorm
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.norm import AliasFreeLayerNorm
+
+FAMILY = "norm"
+
+
+@dataclass(frozen=True)
+class Options(rule.Options):
+    """[norm]"""
+
+    replace: str = "chw"            # per-pixel LayerNorm -> mean over C, variance over C,H,W; "keep"
+    recalibrate: bool = False       # re-estimate BatchNorm statistics for the converted network
+
 
 LAYERNORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, TorchvisionLayerNorm2d)
 CHANNELS_FIRST = (LayerNorm2d, TorchvisionLayerNorm2d)
@@ -30,7 +47,7 @@ def _normalised_dim(site: Site) -> int | None:
     return 1 if isinstance(site.module, CHANNELS_FIRST) else len(site.x.shape) - 1
 
 
-def _judge_layernorm(site: Site, options: dict) -> Judgement:
+def _judge_layernorm(site: Site, options: Options) -> Judgement:
     if isinstance(site.module, AliasFreeLayerNorm):
         return Judgement(Verdict.EXACT, "mean over C, variance over C,H,W")
     if not site.spatial:
@@ -38,7 +55,7 @@ def _judge_layernorm(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.NOT, "per-pixel normalisation divides by a per-pixel statistic")
 
 
-def _convert_layernorm(site: Site, options: dict) -> nn.Module | None:
+def _chw(site: Site, options: Options) -> nn.Module | None:
     if not site.spatial or isinstance(site.module, AliasFreeLayerNorm):
         return None
     x = site.x
@@ -47,13 +64,28 @@ def _convert_layernorm(site: Site, options: dict) -> nn.Module | None:
     return AliasFreeLayerNorm.from_layernorm(site.module, x.channel_dim, x.spatial_dims)
 
 
-def _judge_kept(site: Site, options: dict) -> Judgement:
+def _judge_kept(site: Site, options: Options) -> Judgement:
     return Judgement(Verdict.EXACT, "statistics over whole maps (or per-channel affine at eval): shift-invariant")
 
 
 RULES = [
-    Rule(name="layernorm", family="norm", targets=LAYERNORMS + (AliasFreeLayerNorm,),
-         judge=_judge_layernorm, convert=_convert_layernorm),
-    Rule(name="batchnorm", family="norm", targets=(nn.BatchNorm2d, nn.GroupNorm, F.batch_norm, F.group_norm),
+    Rule(name="layernorm", family=FAMILY, targets=LAYERNORMS + (AliasFreeLayerNorm,),
+         judge=_judge_layernorm, strategies={"chw": _chw}),
+    Rule(name="batchnorm", family=FAMILY, targets=(nn.BatchNorm2d, nn.GroupNorm, F.batch_norm, F.group_norm),
          judge=_judge_kept),
 ]
+
+
+def after_conversion(model: nn.Module, options: Options, calibration: torch.Tensor | None,
+                     input_size: Sequence[int], in_chans: int) -> list[str]:
+    """With ``recalibrate``: re-estimate the converted model's BatchNorm statistics (on the calibration
+    images, else on noise at ``input_size``). Returns notes for the report."""
+    if not options.recalibrate:
+        return []
+    count = recalibrate_batchnorm(model, calibration_batches(calibration, input_size, in_chans))
+    if not count:
+        return []
+    source = f"{len(calibration)} calibration images" if calibration is not None else \
+        f"random inputs at {input_size[0]}x{input_size[1]} (pass calibration images, --calibration DIR, for real " \
+        f"statistics)"
+    return [f"{count} BatchNorm layers re-estimated for the converted activations on {source}"]

@@ -12,13 +12,26 @@
 """
 from __future__ import annotations
 
-import torch.fx as fx
+from dataclasses import dataclass, field
+
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
+from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.pool import AliasFreePool2d
+
+FAMILY = "pool"
+
+
+@dataclass(frozen=True)
+class Options(rule.Options):
+    """[pool]"""
+
+    replace: str = "ideal"          # "ideal": ideal down-sampling; "keep"
+    max: str = field(default="ideal", metadata={"choices": ("ideal", "max")})  # strided max pool: exact or circular max
+
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, MaxPool2dSame, AvgPool2dSame)
 # functional forms and their parameters, in order (they have no introspectable signature)
@@ -33,8 +46,8 @@ def _pool_of(site: Site) -> nn.Module | None:
     if site.module is not None:
         return site.module
     cls, names = FUNCTIONAL[site.node.target]
-    params = {**dict(zip(names, site.node.args[1:])), **site.node.kwargs}
-    if any(isinstance(v, fx.Node) for v in params.values()) or params.get("return_indices"):
+    params = site.call_args(names)
+    if params is None or params.get("return_indices"):
         return None
     params.pop("divisor_override", None)
     return cls(**params)
@@ -45,7 +58,7 @@ def _stride(pool) -> tuple[int, int]:
     return (s, s) if isinstance(s, int) else tuple(s)
 
 
-def _judge_pool(site: Site, options: dict) -> Judgement:
+def _judge_pool(site: Site, options: Options) -> Judgement:
     pool = _pool_of(site)
     if pool is None:
         return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
@@ -65,7 +78,7 @@ def _judge_pool(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.NOT, f"stride-{_stride(pool)[0]} {kind} pooling sub-samples below Nyquist")
 
 
-def _convert_pool(site: Site, options: dict):
+def _ideal(site: Site, options: Options):
     pool = _pool_of(site)
     if pool is None or isinstance(pool, AliasFreePool2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
         return None
@@ -73,11 +86,11 @@ def _convert_pool(site: Site, options: dict):
     if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)):
         if _stride(pool) == (1, 1):
             return None  # no alias-free max at the same rate: reported as is
-        return AliasFreePool2d.from_pool(pool, options.get("max", "ideal"), same)
+        return AliasFreePool2d.from_pool(pool, options.max, same)
     return AliasFreePool2d.from_pool(pool, "avg", same)
 
 
 RULES = [
-    Rule(name="pool", family="pool", targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d,), judge=_judge_pool,
-         convert=_convert_pool),
+    Rule(name="pool", family=FAMILY, targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d,), judge=_judge_pool,
+         strategies={"ideal": _ideal}),
 ]

@@ -26,6 +26,8 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.resample import DownsampledLinear, UpsampledLinear
 
+FAMILY = "structural"   # judges only: these ops are kept (their Options have only replace)
+
 EXACT_LINEAR = (operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
                 torch.stack, "add", "sub", "add_", "neg", "contiguous", "clone", "to", "float", "type_as",
                 "chunk", "split", torch.chunk, torch.split, nn.Identity, nn.Dropout, nn.Dropout2d,
@@ -40,7 +42,7 @@ SPATIAL_MEANS = ("mean", torch.mean, F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d
 METADATA = ("size", "dim", getattr, "ndim")
 
 
-def _judge_linear_op(site: Site, options: dict) -> Judgement:
+def _judge_linear_op(site: Site, options) -> Judgement:
     if site.output is not None and getattr(site.output, "mixed", False) and not _all_mixed_inputs(site):
         return Judgement(Verdict.NOT, "mixes spatial dims into one (flattens the map)")
     return Judgement(Verdict.EXACT, "linear, pointwise in space")
@@ -51,14 +53,14 @@ def _all_mixed_inputs(site: Site) -> bool:
     return bool(lays) and all(lay.mixed for lay in lays)
 
 
-def _judge_shape(site: Site, options: dict) -> Judgement:
+def _judge_shape(site: Site, options) -> Judgement:
     out = site.output
     if out is not None and hasattr(out, "mixed") and out.mixed:
         return Judgement(Verdict.NOT, "flattens H and W together: later layers see positions, not a map")
     return Judgement(Verdict.EXACT, "layout change, H and W kept as dims")
 
 
-def _judge_product(site: Site, options: dict) -> Judgement:
+def _judge_product(site: Site, options) -> Judgement:
     factors = site.inputs[1:] if site.op == "addcmul" else site.inputs  # addcmul(c, a, b) = c + a * b
     spatial = [lay for lay in factors if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
     if len(spatial) <= 1:
@@ -66,14 +68,14 @@ def _judge_product(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.NOT, "product of two spatial maps: a quadratic at the input rate aliases")
 
 
-def _judge_quotient(site: Site, options: dict) -> Judgement:
+def _judge_quotient(site: Site, options) -> Judgement:
     divisor = site.inputs[1] if len(site.inputs) > 1 else None
     if divisor is None or not getattr(divisor, "is_spatial", False):
         return Judgement(Verdict.EXACT, "division by a spatially constant value")
     return Judgement(Verdict.NOT, "division by a spatial map: a pointwise nonlinearity")
 
 
-def _judge_indexing(site: Site, options: dict) -> Judgement:
+def _judge_indexing(site: Site, options) -> Judgement:
     x, index = site.x, site.node.args[1] if len(site.node.args) > 1 else None
     if x is None or not x.is_spatial or not isinstance(index, tuple):
         return Judgement(Verdict.EXACT, "selects items of a sequence or along a non-spatial dim")
@@ -90,13 +92,13 @@ def _judge_indexing(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.EXACT, "selects channels or items, H and W kept whole")
 
 
-def _judge_spatial_norm(site: Site, options: dict) -> Judgement:
+def _judge_spatial_norm(site: Site, options) -> Judgement:
     if site.output is not None and not site.output.is_spatial:
         return Judgement(Verdict.EXACT, "L2 norm over H, W: invariant (Parseval)")
     return Judgement(Verdict.NOT, "a norm over some but not all of H, W, or per pixel: a nonlinearity")
 
 
-def _judge_mean(site: Site, options: dict) -> Judgement:
+def _judge_mean(site: Site, options) -> Judgement:
     if site.output is not None and hasattr(site.output, "is_spatial") and not site.output.is_spatial:
         return Judgement(Verdict.EXACT, "global average over H, W: keeps only the DC bin, invariant")
     if site.module is not None and isinstance(site.module, nn.AdaptiveAvgPool2d):
@@ -104,7 +106,7 @@ def _judge_mean(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.EXACT, "mean over non-spatial dims: pointwise in space")
 
 
-def _judge_pool_wrapper(site: Site, options: dict) -> Judgement:
+def _judge_pool_wrapper(site: Site, options) -> Judgement:
     pool = site.module
     if pool.pool_type in ("avg", "fast", "fastavg") and site.output is not None and not site.output.is_spatial:
         return Judgement(Verdict.EXACT, "global average pooling: invariant")
@@ -112,7 +114,7 @@ def _judge_pool_wrapper(site: Site, options: dict) -> Judgement:
                      f"global '{pool.pool_type}' pooling: invariant to integer shifts only")
 
 
-def _judge_linear_layer(site: Site, options: dict) -> Judgement:
+def _judge_linear_layer(site: Site, options) -> Judgement:
     if isinstance(site.module, UpsampledLinear):
         return Judgement(Verdict.EXACT, f"ideal {site.module.factor}x up-sampling, then pointwise linear")
     if isinstance(site.module, DownsampledLinear):
@@ -127,20 +129,20 @@ def _judge_linear_layer(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.EXACT, "pointwise linear map over channels")
 
 
-def _judge_metadata(site: Site, options: dict) -> Judgement:
+def _judge_metadata(site: Site, options) -> Judgement:
     return Judgement(Verdict.EXACT, "reads shapes only")
 
 
 RULES = [
-    Rule(name="linear-op", family="structural", targets=EXACT_LINEAR, judge=_judge_linear_op),
-    Rule(name="indexing", family="structural", targets=INDEXING, judge=_judge_indexing),
-    Rule(name="spatial-norm", family="structural", targets=SPATIAL_NORMS, judge=_judge_spatial_norm),
-    Rule(name="shape", family="structural", targets=SHAPE_OPS, judge=_judge_shape),
-    Rule(name="product", family="structural", targets=PRODUCTS, judge=_judge_product),
-    Rule(name="quotient", family="structural", targets=QUOTIENTS, judge=_judge_quotient),
-    Rule(name="global-mean", family="structural", targets=SPATIAL_MEANS, judge=_judge_mean),
-    Rule(name="global-pool", family="structural", targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper),
-    Rule(name="linear-layer", family="structural", targets=(nn.Linear, UpsampledLinear, DownsampledLinear),
+    Rule(name="linear-op", family=FAMILY, targets=EXACT_LINEAR, judge=_judge_linear_op),
+    Rule(name="indexing", family=FAMILY, targets=INDEXING, judge=_judge_indexing),
+    Rule(name="spatial-norm", family=FAMILY, targets=SPATIAL_NORMS, judge=_judge_spatial_norm),
+    Rule(name="shape", family=FAMILY, targets=SHAPE_OPS, judge=_judge_shape),
+    Rule(name="product", family=FAMILY, targets=PRODUCTS, judge=_judge_product),
+    Rule(name="quotient", family=FAMILY, targets=QUOTIENTS, judge=_judge_quotient),
+    Rule(name="global-mean", family=FAMILY, targets=SPATIAL_MEANS, judge=_judge_mean),
+    Rule(name="global-pool", family=FAMILY, targets=(SelectAdaptivePool2d,), judge=_judge_pool_wrapper),
+    Rule(name="linear-layer", family=FAMILY, targets=(nn.Linear, UpsampledLinear, DownsampledLinear),
          judge=_judge_linear_layer),
-    Rule(name="metadata", family="structural", targets=METADATA, judge=_judge_metadata),
+    Rule(name="metadata", family=FAMILY, targets=METADATA, judge=_judge_metadata),
 ]

@@ -8,12 +8,24 @@ scale factors convert; other sizes are reported.
 """
 from __future__ import annotations
 
-import torch.fx as fx
+from dataclasses import dataclass
+
 import torch.nn as nn
 import torch.nn.functional as F
 
+from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.resample import IdealUpsample
+
+FAMILY = "upsample"
+
+
+@dataclass(frozen=True)
+class Options(rule.Options):
+    """[upsample]"""
+
+    replace: str = "ideal"          # "ideal": ideal up-sampling by the integer factor; "keep"
+
 
 UPSAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 
@@ -25,8 +37,8 @@ def _upsampler_of(site: Site) -> nn.Module | None:
     """The site's module, or an ``nn.Upsample`` built from an ``F.interpolate`` call's constant arguments."""
     if site.module is not None:
         return site.module
-    params = {**dict(zip(_INTERPOLATE_ARGS, site.node.args[1:])), **site.node.kwargs}
-    if any(isinstance(v, fx.Node) for v in params.values()):
+    params = site.call_args(_INTERPOLATE_ARGS)
+    if params is None:
         return None
     return nn.Upsample(size=params.get("size"), scale_factor=params.get("scale_factor"),
                        mode=params.get("mode", "nearest"))
@@ -40,7 +52,7 @@ def _integer_factor(m: nn.Module) -> tuple[int, int] | None:
     return tuple(int(v) for v in f) if all(float(v).is_integer() and v >= 1 for v in f) else None
 
 
-def _judge(site: Site, options: dict) -> Judgement:
+def _judge(site: Site, options: Options) -> Judgement:
     up = _upsampler_of(site)
     if isinstance(up, IdealUpsample):
         return Judgement(Verdict.EXACT, f"ideal up-sampling by {up.factor}")
@@ -50,7 +62,7 @@ def _judge(site: Site, options: dict) -> Judgement:
     return Judgement(Verdict.NOT, f"{mode} resampling leaves spectral images (aliases)")
 
 
-def _convert(site: Site, options: dict):
+def _ideal(site: Site, options: Options):
     up = _upsampler_of(site)
     factor = _integer_factor(up) if up is not None and not isinstance(up, IdealUpsample) else None
     if factor is None or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
@@ -58,5 +70,5 @@ def _convert(site: Site, options: dict):
     return IdealUpsample(factor)
 
 
-RULES = [Rule(name="upsample", family="upsample", targets=UPSAMPLERS + (F.interpolate, IdealUpsample), judge=_judge,
-              convert=_convert)]
+RULES = [Rule(name="upsample", family=FAMILY, targets=UPSAMPLERS + (F.interpolate, IdealUpsample), judge=_judge,
+              strategies={"ideal": _ideal})]

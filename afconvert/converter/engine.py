@@ -15,7 +15,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from afconvert.converter.calibrate import calibration_batches, recalibrate_batchnorm
 from afconvert.converter.certify import (
     native_input_size,
     numerics_check,
@@ -23,15 +22,23 @@ from afconvert.converter.certify import (
     size_label,
 )
 from afconvert.converter.layout import Layout, infer_layouts
-from afconvert.converter.recipe import Recipe, all_rules, load_recipe
+from afconvert.converter.passes import PASSES
+from afconvert.converter.recipe import Recipe, all_rules, families, load_recipe
 from afconvert.converter.report import Finding, NotAliasFreeError, Report
-from afconvert.converter.rule import Judgement, Rule, Site, Verdict
+from afconvert.converter.rule import KEEP, Analysis, Judgement, Rule, Site, Verdict
 from afconvert.converter.tracing import trace
-from afconvert.layers.poly import PolyFit, scale_dims
 
-__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "DEFAULT_PROBE_SIZE"]
+__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "RuleConflictError", "DEFAULT_PROBE_SIZE"]
 
 DEFAULT_PROBE_SIZE = (64, 64)
+
+
+class RuleConflictError(ValueError):
+    """Two rules claim the same target."""
+
+
+def _target_name(t) -> str:
+    return t if isinstance(t, str) else getattr(t, "__qualname__", None) or getattr(t, "__name__", str(t))
 
 
 @dataclass
@@ -44,12 +51,14 @@ class _RuleIndex:
         self.by_method: dict[str, Rule] = {}
         for rule in self.rules:
             for t in rule.targets:
-                if isinstance(t, type):
-                    self.by_type[t] = rule
-                elif isinstance(t, str):
-                    self.by_method[t] = rule
-                else:
-                    self.by_callable[id(t)] = rule
+                table, key = (self.by_type, t) if isinstance(t, type) else \
+                    (self.by_method, t) if isinstance(t, str) else (self.by_callable, id(t))
+                other = table.get(key)
+                if other is not None and other is not rule:
+                    raise RuleConflictError(f"rules '{other.name}' ({other.family}) and '{rule.name}' ({rule.family}) "
+                                            f"both claim {_target_name(t)}; fix: one rule per target (choose between "
+                                            f"ways of converting it with strategies: replace = ...)")
+                table[key] = rule
 
     @property
     def module_types(self) -> set[type]:
@@ -68,6 +77,7 @@ class _RuleIndex:
 
 def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    analysis = Analysis(gm)
     sites = []
     for n in gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
@@ -76,19 +86,19 @@ def _sites(gm: fx.GraphModule, layouts: dict) -> list[Site]:
         fx.node.map_arg((n.args, n.kwargs), flat.append)
         inputs = [layouts.get(a.name) if isinstance(layouts.get(a.name), Layout) else None for a in flat]
         out = layouts.get(n.name)
-        sites.append(Site(node=n, module=gm.get_submodule(n.target) if n.op == "call_module" else None,
+        sites.append(Site(node=n, module=analysis.module(n.target) if n.op == "call_module" else None,
                           inputs=inputs, output=out if isinstance(out, Layout) else None,
-                          reads_input=any(a in placeholders for a in flat)))
+                          reads_input=any(a in placeholders for a in flat), analysis=analysis))
     return sites
 
 
-def _judge(site: Site, rule: Rule | None, recipe: Recipe | None) -> Judgement:
-    opaque = getattr(site.node.graph.owning_module, "afconvert_opaque", {})
+def _judge(site: Site, rule: Rule | None, recipe: Recipe) -> Judgement:
+    opaque = site.analysis.opaque
     if site.node.op == "call_module" and site.node.target in opaque and site.spatial:
         return Judgement(Verdict.UNKNOWN, f"opaque: fx cannot trace inside it ({opaque[site.node.target]}); "
                                           f"its layers were not converted")
     if rule is not None:
-        return rule.judge(site, recipe.for_family(rule.family) if recipe else {})
+        return rule.judge(site, recipe.for_site(rule.family, site.name)[0])
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant tensors only")
     return Judgement(Verdict.UNKNOWN, f"no rule knows '{site.op}' on a spatial map")
@@ -130,14 +140,15 @@ def _reaching_output(graph: fx.Graph) -> set[str]:
     return set().union(*(nx.ancestors(g, o) for o in out)) if out else set(g)
 
 
-def _findings(sites: list[Site], index: _RuleIndex, recipe: Recipe | None) -> list[Finding]:
+def _findings(sites: list[Site], index: _RuleIndex, recipe: Recipe) -> list[Finding]:
     live = _reaching_output(sites[0].node.graph) if sites else set()
     return [Finding(node=s.name, op=s.op, verdict=(j := _judge(s, index.match(s), recipe)).verdict,
                     reason=j.reason, spatial=s.spatial and s.node.name in live) for s in sites]
 
 
 def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: int | None = None,
-          check: bool = True, leaf_modules: Iterable[type] = (), shifts=None, dtype=torch.float32) -> Report:
+          check: bool = True, leaf_modules: Iterable[type] = (), shifts=None, dtype=torch.float32,
+          rules: Sequence[Rule] = ()) -> Report:
     """Judge every node of ``model``: exactly alias-free, approximately, not, or unknown.
 
     With ``check``, the verdict is backed by the logits themselves, at ``input_size`` and at the
@@ -146,7 +157,7 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     """
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
     in_chans = _in_chans(model, in_chans)
-    index = _RuleIndex(all_rules())
+    index = _RuleIndex(all_rules(rules))
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +165,8 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     finally:
         model.train(was_training)
     info = getattr(model, "afconvert_info", {}) or {}
-    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, None),
+    judging = Recipe(name="", summary="", families=families(rules))  # every family's default options
+    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, judging),
                     notes=notes)
     if check:
         sizes = check_sizes(model, input_size)
@@ -204,24 +216,22 @@ def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, function
 
 
 @torch.no_grad()
-def _measure_activations(model: nn.Module, sites: list[Site], data: torch.Tensor, options: dict) -> int:
-    """For each activation site, the least-squares statistics (``PolyFit``) of its polynomial
-    against the source activation on ``data``: its input (seen by a pre-hook, before an in-place
-    activation overwrites it) and its output, on the source model. Returns how many were measured."""
-    degree, normalize = int(options.get("degree", 2)), str(options.get("normalize", "none"))
+def _measure(model: nn.Module, plan: list, data: torch.Tensor) -> int:
+    """Feed each measuring rule's statistics (``Rule.measure``) with its site's module input (seen by a
+    pre-hook, before an in-place op overwrites it) and output on ``data``, on the source model. A module
+    called at several places is measured once, over all its calls. Returns how many were measured."""
     handles, seen = [], {}
-    for site in sites:
-        x = site.x
-        if site.module is None or x is None or x.channel_dim is None or x.spatial_dims is None:
+    for site, rule, opts, _ in plan:
+        if rule.measure is None or site.module is None or site.name in seen:
             continue
-        if site.name in seen:  # one module called at several places: one shared fit
+        stats = rule.measure(site, opts)
+        if stats is None:
             continue
-        dims = scale_dims(normalize, x.spatial_dims, x.channel_dim)
-        fit = seen[site.name] = PolyFit(degree, x.channel_dim, dims, shared=site.calls > 1)
-        inputs = []
+        seen[site.name] = stats
+        inputs: list = []
         handles.append(site.module.register_forward_pre_hook(lambda mod, args, keep=inputs: keep.append(args[0].clone())))
         handles.append(site.module.register_forward_hook(
-            lambda mod, args, out, keep=inputs, fit=fit: fit.update(keep.pop(), out)))
+            lambda mod, args, out, keep=inputs, stats=stats: stats.update(keep.pop(), out)))
     try:
         p = next(model.parameters())
         for batch in torch.split(data, 8):
@@ -229,61 +239,65 @@ def _measure_activations(model: nn.Module, sites: list[Site], data: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    for site in sites:
-        if site.name in seen:
-            site.stats = seen[site.name]
+    for site, *_ in plan:
+        site.stats = seen.get(site.name, site.stats)
     return len(seen)
 
 
 def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence[int] | None = None,
             strict: bool = False, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
             options: dict | None = None, calibration: torch.Tensor | None = None,
-            check_numerics: bool = True) -> nn.Module:
+            check_numerics: bool = True, overrides: dict | None = None, rules: Sequence[Rule] = ()) -> nn.Module:
     """Return an alias-free copy of ``model`` (same class, same state_dict keys for kept weights).
 
-    ``recipe``: a shipped recipe name (``afc``, ``afc-paper``) or a path to a TOML recipe;
-    ``options``: per-family overrides, e.g. ``{"activation": {"degree": 3}}``. ``input_size``:
-    an (H, W) the model runs at, for layout inference (default 64x64). ``calibration``: images
-    (N, C, H, W) for re-estimating BatchNorm statistics when the recipe asks (``norm.recalibrate``;
-    random inputs otherwise) and for fitting each activation's polynomial per channel to the
-    measured distribution of its input. The per-layer report is
-    ``result.afconvert_report``; with ``check_numerics`` it includes the converted logits' size
-    at ``input_size`` and the native size (``numerics_check``; non-finite or exploding logits make
-    the verdict ``UNSTABLE``). ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
-    that are not exactly alias-free, or the sizes where the logits are unstable.
+    ``recipe``: a shipped recipe name (``afc``, ``afc-paper``, ``blurpool``, ``aps``, ``circular``) or a
+    path to a TOML recipe; ``options``: per-family options on top of it, e.g. ``{"activation": {"degree":
+    3}}``; ``overrides``: per-module options by name pattern, e.g. ``{"stem.*": {"replace": "keep"}}`` or
+    ``{"head.*": {"activation": {"replace": "keep"}}}``; ``rules``: a user's extra rules (``Rule``; a
+    target claimed twice is a ``RuleConflictError``). ``input_size``: an (H, W) the model runs at, for
+    layout inference (default 64x64). ``calibration``: images (N, C, H, W) that rules measure (each
+    activation's polynomial is fitted per channel to its inputs on them) and that BatchNorm
+    re-estimation uses when the recipe asks. The per-layer report is ``result.afconvert_report``; with
+    ``check_numerics`` it includes the converted logits' size at ``input_size`` and the native size
+    (``numerics_check``; non-finite or exploding logits make the verdict ``UNSTABLE``). ``strict=True``
+    raises ``NotAliasFreeError`` naming the nodes that are not exactly alias-free, or the sizes where the
+    logits are unstable.
     """
-    rec = load_recipe(recipe, options)
+    rec = load_recipe(recipe, options, overrides, rules)
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
     in_chans = _in_chans(model, in_chans)
-    index = _RuleIndex(all_rules())
+    index = _RuleIndex(all_rules(rules))
     out = copy.deepcopy(model)
     was_training = out.training
     out.eval()
     sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
+    plan = [(s, r, *rec.for_site(r.family, s.name)) for s in sites if (r := index.match(s)) is not None]
     notes: list[str] = []
     if calibration is not None:
-        measured = _measure_activations(out, [s for s in sites if getattr(index.match(s), "family", None) == "activation"],
-                                        calibration, rec.for_family("activation"))
+        measured = _measure(out, plan, calibration)
         notes.append(f"{measured} activation(s) fitted per channel by least squares on {len(calibration)} "
                      f"calibration images")
 
     swaps: dict[str, list[nn.Module]] = {}
     functional: dict[fx.Node, nn.Module] = {}
-    for site in sites:
-        rule = index.match(site)
-        if rule is None or rule.convert is None:
+    kept: dict[str, str] = {}
+    for site, rule, opts, override in plan:
+        site.options = opts
+        if opts.replace == KEEP:
+            if override is not None:
+                kept[site.name] = override.pattern
             continue
-        new = rule.convert(site, rec.for_family(rule.family))
+        strategy = rule.strategy(opts.replace)
+        new = strategy(site, opts) if strategy is not None else None
         if new is None:
             continue
         if site.module is None:  # a functional call: becomes a module call in the graph
             functional[site.node] = new
-            continue
-        if isinstance(new, nn.Module):
-            new = {site.node.target: new}
-        for name, module in new.items():  # a rule may replace the site's neighbours too
-            swaps.setdefault(name, []).append(module)
+        else:
+            swaps.setdefault(site.name, []).append(new)
+    for graph_pass in PASSES:
+        graph_pass(sites, swaps)
     swapped = {}
     for name, news in swaps.items():
         if len({repr(m) for m in news}) > 1:
@@ -293,23 +307,23 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         out.set_submodule(name, news[0])
         swapped[name] = type(model.get_submodule(name)).__name__
     if functional:
-        out, rewritten = _rewrite_functional(sites[0].node.graph.owning_module, swaps, swapped, functional)
+        out, rewritten = _rewrite_functional(sites[0].analysis.gm, swaps, swapped, functional)
         swapped.update(rewritten)
         notes.append(f"{len(functional)} functional call(s) rewritten as modules: the result is a torch.fx "
                      f"GraphModule traced in eval mode (its forward is the traced graph)")
-
-    norm_opts = rec.for_family("norm")
-    if norm_opts.get("recalibrate", False) and swapped:
-        count = recalibrate_batchnorm(out, calibration_batches(calibration, input_size, in_chans))
-        if count:
-            source = f"{len(calibration)} calibration images" if calibration is not None else \
-                f"random inputs at {input_size[0]}x{input_size[1]} (pass calibration images, --calibration DIR, " \
-                f"for real statistics)"
-            notes.append(f"{count} BatchNorm layers re-estimated for the converted activations on {source}")
+    if swapped:
+        for fam in rec.families.values():
+            hook = getattr(fam.module, "after_conversion", None)
+            if hook is not None:
+                notes.extend(hook(out, rec.for_family(fam.name), calibration, input_size, in_chans))
+    if kept:
+        patterns = sorted(set(kept.values()))
+        notes.append(f"{len(kept)} node(s) kept as they are by recipe override(s) "
+                     f"{', '.join(repr(p) for p in patterns)}")
     out.train(was_training)
-    out.afconvert_info = {"recipe": rec.name, "options": rec.options, "input_size": list(input_size),
-                          "in_chans": in_chans}
-    report = audit(out, input_size, in_chans, check=False, leaf_modules=leaf_modules)
+    out.afconvert_info = {"recipe": rec.name, "options": rec.to_dict(), "input_size": list(input_size),
+                          "in_chans": in_chans, "replaced": sorted(swapped), "graph_module": bool(functional)}
+    report = audit(out, input_size, in_chans, check=False, leaf_modules=leaf_modules, rules=rules)
     report.recipe = rec.name
     report.notes.extend(notes)
     src_before = {s.name: before[id(s.node)] for s in sites}
@@ -319,6 +333,8 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
             f.op = swapped[f.node]
             f.replaced_by = type(out.get_submodule(f.node)).__name__
             f.before = src_before[f.node].verdict
+        elif f.node in kept and f.verdict is not Verdict.EXACT:
+            f.reason += f" (kept by recipe override '{kept[f.node]}')"
     if check_numerics:
         report.numerics = converted_numerics(out)
     out.afconvert_report = report

@@ -1,21 +1,36 @@
-"""What a rule is: the targets it matches, how it judges a site, and what it replaces it with.
+"""What a rule is: the targets it matches, how it judges a site, and its replacement strategies.
 
 Rules live in ``rules/`` (installed as ``afconvert.rules``), one module per layer family, each
-exporting ``RULES``. The engine (``afconvert.converter.engine``) matches graph nodes to rules; a recipe
-(``rules/*.toml``) chooses the options each rule family converts with.
+exporting ``FAMILY`` (its name), ``Options`` (a frozen dataclass: the family's recipe options and
+their only defaults) and ``RULES``. The engine (``afconvert.converter.engine``) matches graph
+nodes to rules; a recipe (``rules/*.toml``) picks each family's strategy (``replace``) and
+options, per module when it overrides them by name. Rules see the traced graph only through
+``Site`` and its ``Analysis``.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
 
 from afconvert.converter.layout import Layout
 
-__all__ = ["Verdict", "Judgement", "Site", "Rule"]
+__all__ = ["Verdict", "Judgement", "Analysis", "Site", "Rule", "Options", "KEEP", "DEFAULT"]
+
+KEEP = "keep"          # the strategy every family has: leave the op as it is
+DEFAULT = "default"    # the rule's first strategy
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of a rule family. ``replace``: the strategy, a name from the rules' ``strategies``,
+    ``keep``, or ``default`` (each rule's first strategy). Families subclass it with their options."""
+
+    replace: str = DEFAULT
 
 
 class Verdict(str, enum.Enum):
@@ -38,6 +53,23 @@ class Judgement:
     reason: str
 
 
+class Analysis:
+    """What rules may know of the traced graph: its module, module lookup, call counts."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.call_counts = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.opaque: dict[str, str] = dict(getattr(gm, "afconvert_opaque", {}))
+
+    def module(self, target: str) -> nn.Module:
+        return self.modules[target]
+
+    def calls(self, target: str) -> int:
+        """How many graph nodes call the module at ``target``."""
+        return self.call_counts.get(target, 0)
+
+
 @dataclass
 class Site:
     """One node of the traced graph, with what the engine knows about it."""
@@ -47,7 +79,9 @@ class Site:
     inputs: list[Layout | None]         # layouts of the tensor arguments, in order
     output: Layout | None
     reads_input: bool = False           # an argument is the model's input itself
-    stats: object | None = None         # what the engine measured on calibration data (activations: a PolyFit)
+    analysis: Analysis | None = field(default=None, repr=False)
+    stats: object | None = None         # what the rule's ``measure`` collected on calibration data
+    options: Options | None = None      # the options the engine converted it with (graph passes read them)
 
     @property
     def name(self) -> str:
@@ -63,9 +97,21 @@ class Site:
     @property
     def calls(self) -> int:
         """How many graph nodes call this site's module (1 for functional calls)."""
-        if self.module is None:
-            return 1
-        return sum(1 for n in self.node.graph.nodes if n.op == "call_module" and n.target == self.node.target)
+        return self.analysis.calls(self.node.target) if self.module is not None else 1
+
+    def constant_args(self) -> tuple[tuple, dict] | None:
+        """The call's arguments after the first (the tensor) and its keyword arguments, or None when
+        one of them is itself computed in the graph (not a fixed parameter). The one parser of
+        functional-call arguments."""
+        rest, kwargs = tuple(self.node.args[1:]), dict(self.node.kwargs)
+        if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
+            return None
+        return rest, kwargs
+
+    def call_args(self, names: Sequence[str]) -> dict | None:
+        """``constant_args`` by name: positional arguments after the tensor take ``names`` in order."""
+        args = self.constant_args()
+        return None if args is None else {**dict(zip(names, args[0])), **args[1]}
 
     @property
     def x(self) -> Layout | None:
@@ -81,17 +127,31 @@ class Site:
         return any(lay.is_spatial for lay in lays)
 
 
+Strategy = Callable[[Site, Options], "nn.Module | None"]
+
+
 @dataclass
 class Rule:
-    """Targets (module classes, matched by exact type; functions; or method names) -> judge/convert.
+    """Targets (module classes, matched by exact type; functions; or method names) -> judge and strategies.
 
-    ``judge(site, options)`` says how the *existing* op treats shifts. ``convert(site, options)``
-    returns a replacement module, or {module path: replacement} when it also replaces neighbours
-    (the site's own path included), or None to keep the op. Rules without ``convert`` only judge.
+    ``judge(site, options)`` says how the *existing* op treats shifts. ``strategies`` maps a name
+    (what a recipe's ``replace`` picks) to ``convert(site, options)``, which returns the replacement
+    module or None to keep the op; the first is the ``default``. Rules without strategies only judge.
+    ``measure(site, options)``, when given, returns an object whose ``update(input, output)`` the
+    engine feeds with the site's module's input and output on calibration data; it becomes
+    ``site.stats`` before the strategy runs.
     """
 
     name: str
     family: str
     targets: tuple
-    judge: Callable[[Site, dict], Judgement]
-    convert: Callable[[Site, dict], "nn.Module | dict[str, nn.Module] | None"] | None = None
+    judge: Callable[[Site, Options], Judgement]
+    strategies: dict[str, Strategy] = field(default_factory=dict)
+    measure: Callable[[Site, Options], object | None] | None = None
+
+    def strategy(self, name: str) -> Strategy | None:
+        """The strategy a recipe's ``replace`` names (``default``: the first), or None (``keep``, or
+        a strategy of another rule of the family)."""
+        if name == DEFAULT:
+            return next(iter(self.strategies.values()), None)
+        return self.strategies.get(name)

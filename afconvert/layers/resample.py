@@ -69,6 +69,15 @@ class HighRatePolyActivation(PolyActivation):
     map, taken at the high rate), alias-free as a whole (the audit checks those neighbours in the
     graph)."""
 
+    @classmethod
+    def from_poly(cls, act: PolyActivation) -> "HighRatePolyActivation":
+        """The same polynomial (coefficients, scales, normalisation), meant for the high rate."""
+        train_scale = isinstance(act.in_scale, nn.Parameter)
+        new = cls(act.channels, act.degree, act.coef.detach(), in_scale=float(act.in_scale.detach()),
+                  out_scale=float(act.out_scale.detach()), train_scale=train_scale, channel_dim=act.channel_dim,
+                  normalize=act.normalize, spatial_dims=act.spatial_dims, eps=act.eps)
+        return new.to(device=act.coef.device, dtype=act.coef.dtype).train(act.training)
+
 
 class IdealUpsample(nn.Module):
     """Ideal (sinc) up-sampling by an integer ``factor`` of NCHW maps: replaces nearest/bilinear

@@ -1,11 +1,15 @@
 """Self-describing checkpoints: enough to rebuild the converted model, and nothing to unpickle.
 
-    {"format": "afconvert/1", "source": {"library", "name", "kwargs", "weights"},
+    {"format": "afconvert/2", "source": {"library", "name", "kwargs", "weights"},
      "recipe": {"name", "options"}, "input_size": [H, W], "in_chans": C,
-     "versions": {"afconvert", "torch", "timm"}, "state_dict": {...}}
+     "plan": [{"path", "class", "attrs", ...}] or None, "versions": {"afconvert", "torch", "timm"},
+     "state_dict": {...}}
 
-``load`` rebuilds (create the source model, convert it with the saved recipe options) and loads
-the state_dict strictly; the file is read with ``torch.load(weights_only=True)``.
+``load`` creates the source model, applies the plan (``afconvert.sources.plan``: the replaced
+modules rebuilt from plain data, no conversion) and loads the state_dict strictly. A model whose
+functional calls were rewritten into a traced graph (no plan) and checkpoints of format
+``afconvert/1`` are rebuilt by converting again with the saved recipe. Files are read with
+``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import torch
 import torch.nn as nn
 
 from afconvert.atomic import atomic_write
-from afconvert.converter.recipe import Recipe
+from afconvert.converter.recipe import load_recipe
 from afconvert.sources.models import SourceSpec, load_error
+from afconvert.sources.plan import PlanError, apply_plan, module_plan
 
 __all__ = ["save", "load", "atomic_save", "CheckpointError", "FORMAT"]
 
-FORMAT = "afconvert/1"
+FORMAT = "afconvert/2"
+FORMATS = ("afconvert/1", FORMAT)
 
 
 class CheckpointError(ValueError):
@@ -58,9 +64,10 @@ def save(model: nn.Module, path: str | Path) -> None:
                                   "by name (afconvert.build('timm:NAME')) or save model.state_dict() yourself")
         kwargs = {"num_classes": getattr(model, "num_classes", 1000)}
         source = SourceSpec(arch, "timm", kwargs, weights="from this checkpoint").to_dict()
+    plan = None if info.get("graph_module", True) or "replaced" not in info else module_plan(model, info["replaced"])
     ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info["recipe"], "options": info["options"]},
-            "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "versions": _versions(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "plan": plan,
+            "versions": _versions(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     atomic_save(ckpt, path)
 
 
@@ -74,22 +81,41 @@ def read(path: str | Path) -> dict:
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {load_error(exc)}; fix: re-create it with "
                               f"`afconvert MODEL --out {path.name}`") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
         raise CheckpointError(f"{path} is not an afconvert checkpoint (no format '{FORMAT}'); fix: load plain "
                               f"state_dicts with `afconvert MODEL --weights {path.name}`")
     return ckpt
 
 
+def _recipe_of(ckpt: dict):
+    """The saved recipe. Format afconvert/1 predates scale-equivariant activations and typed recipes:
+    its activations are plain polynomials, and its [norm] had a 'layernorm' key that did nothing."""
+    options = {k: dict(v) if isinstance(v, dict) else v for k, v in ckpt["recipe"]["options"].items()}
+    if ckpt["format"] == "afconvert/1":
+        options.setdefault("activation", {}).setdefault("normalize", "none")
+        options.get("norm", {}).pop("layernorm", None)
+    return load_recipe({"name": ckpt["recipe"]["name"], **options})
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted model saved at ``path`` and load its weights (strict). Returns it in eval mode."""
+    from afconvert.sources.models import create_source_model
     from afconvert.sources.pipeline import rebuild
     ckpt = read(path)
     spec = SourceSpec.from_dict(ckpt["source"])
-    recipe = Recipe(name=ckpt["recipe"]["name"], summary="", options=ckpt["recipe"]["options"])
-    model = rebuild(spec, recipe, ckpt["input_size"])
+    recipe = _recipe_of(ckpt)
     try:
+        if ckpt.get("plan") is not None:
+            model, _ = create_source_model(f"{spec.library}:{spec.name}", pretrained=False, **spec.kwargs)
+            apply_plan(model, ckpt["plan"])
+            model.afconvert_info = {"recipe": recipe.name, "options": recipe.to_dict(),
+                                    "input_size": list(ckpt["input_size"]), "in_chans": ckpt["in_chans"],
+                                    "replaced": [e["path"] for e in ckpt["plan"]], "graph_module": False,
+                                    "source": spec.to_dict()}
+        else:
+            model = rebuild(spec, recipe, ckpt["input_size"])
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, PlanError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit the rebuilt {spec.name} "
                               f"({str(exc).splitlines()[0]}); fix: load it with the afconvert/timm versions that "
                               f"wrote it: {ckpt.get('versions')}") from exc

@@ -31,7 +31,8 @@ def test_checkpoint_is_plain_data(converted, tmp_path):
     path = tmp_path / "m.pt"
     afconvert.save(converted, path)
     ckpt = torch.load(path, weights_only=True)  # nothing to unpickle but tensors and builtins
-    assert ckpt["format"] == "afconvert/1" and ckpt["source"]["name"] == "convnext_atto"
+    assert ckpt["format"] == "afconvert/2" and ckpt["source"]["name"] == "convnext_atto"
+    assert ckpt["plan"] and all(e["class"].startswith("afconvert.layers.") for e in ckpt["plan"])
     assert ckpt["source"]["kwargs"] == {"num_classes": 7} and "torch" in ckpt["versions"]
 
 
@@ -65,3 +66,46 @@ def test_failed_save_keeps_previous_file(converted, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         afconvert.save(converted, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_load_applies_the_plan_without_converting(converted, tmp_path, monkeypatch):
+    """No trace, fit or statistics at load: the plan rebuilds the replaced modules; logits bit for bit."""
+    import afconvert.converter.engine as engine
+    path = tmp_path / "m.pt"
+    afconvert.save(converted, path)
+
+    def no_conversion(*a, **k):
+        raise AssertionError("load converted the model again")
+    monkeypatch.setattr(engine, "convert", no_conversion)
+    loaded = afconvert.load(path)
+    x = random_input(2, 3, (64, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
+    assert afconvert.audit(loaded, check=False).verdict.value == "exact"
+
+
+def test_plan_rebuilds_only_afconvert_layers(converted, tmp_path):
+    path = tmp_path / "m.pt"
+    afconvert.save(converted, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["plan"][0]["class"] = "subprocess.Popen"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="refused to rebuild subprocess.Popen"):
+        afconvert.load(path)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Written before plans and scale-equivariant activations: rebuilt by converting with their options."""
+    built = afconvert.build("convnext_atto", pretrained=False, num_classes=7,
+                            options={"activation": {"normalize": "none"}})
+    old_options = built.converted.afconvert_info["options"]
+    del old_options["activation"]["normalize"]          # the old files did not have it
+    old_options["norm"]["layernorm"] = "chw"             # and had this key
+    ckpt = {"format": "afconvert/1", "source": built.converted.afconvert_info["source"],
+            "recipe": {"name": "afc", "options": old_options}, "input_size": [64, 64], "in_chans": 3,
+            "versions": {}, "state_dict": built.converted.state_dict()}
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = afconvert.load(tmp_path / "old.pt")
+    x = random_input(2, 3, (64, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), built.converted.eval()(x))
