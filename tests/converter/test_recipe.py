@@ -10,16 +10,15 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import randomize_
 
 import afconvert
 from afconvert.converter import engine, passes
+from afconvert.converter.certify import random_input, relative_logit_change
 from afconvert.converter.engine import RuleConflictError
 from afconvert.converter.recipe import RecipeError, families, list_recipes, load_recipe
 from afconvert.converter.rule import Judgement, Rule, Verdict
-from afconvert.converter.certify import random_input, relative_logit_change
 from afconvert.layers.poly import AliasFreePolyActivation
-
-from conftest import randomize_
 
 
 @pytest.mark.parametrize("data,message", [
