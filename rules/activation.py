@@ -107,8 +107,10 @@ def _judge_activation(site: Site, options: Options) -> Judgement:
     if isinstance(act, LowpassPolyActivation):
         return Judgement(Verdict.APPROX, "low-pass polynomial at the input rate: exact only before a coarse down-sampling")
     if isinstance(act, PolyActivation):
-        return Judgement(Verdict.NOT, f"degree-{act.degree} polynomial at the input rate aliases its harmonics")
-    return Judgement(Verdict.NOT, "pointwise nonlinearity creates harmonics above Nyquist")
+        return Judgement(Verdict.INTEGER, f"degree-{act.degree} polynomial at the input rate aliases its harmonics "
+                                          f"(pointwise: exact for integer shifts only)")
+    return Judgement(Verdict.INTEGER, "pointwise nonlinearity creates harmonics above Nyquist (exact for integer "
+                                      "shifts only)")
 
 
 def _convertible(site: Site) -> bool:

@@ -16,8 +16,9 @@ from timm.layers import Conv2dSame
 
 from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
-from afconvert.layers.conv import AliasFreeConv2d, CircularConv2d, centered_pad, tf_same_pad
+from afconvert.layers.conv import AliasFreeConv2d, CircularConv2d, SampledConv2d, centered_pad, tf_same_pad
 from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
+from afconvert.layers.sampling import BlurConv2d, PolyphaseConv2d, SubsampledConv2d
 
 FAMILY = "conv"
 
@@ -40,15 +41,26 @@ class StemActivation:
 class Options(rule.Options):
     """[conv]"""
 
-    replace: str = "ideal"          # "ideal": stride 1 + ideal down-sampling; "keep"
+    replace: str = "ideal"          # strided convs: "ideal" (alias-free), "blur" (BlurPool), "aps" (adaptive
+                                    # polyphase sampling), "circular" (circular padding, stride kept); "keep"
     padding: str = field(default="circular", metadata={"choices": ("circular", "source")})  # of stride-1 convs
     alignment: str = field(default="source", metadata={"choices": ("source", "centered")})  # strided sampling grid
     input_filter: bool = True       # the layer reading the image drops its Nyquist bins
+    blur_size: int = 3              # "blur": width of the binomial filter
     stem_activation: StemActivation | None = None
 
 
 def _judge_conv(site: Site, options: Options) -> Judgement:
     conv: nn.Conv2d = site.module
+    down = getattr(conv, "down", None)
+    if isinstance(conv, BlurConv2d):
+        return Judgement(Verdict.APPROX, f"circular conv + binomial blur ({conv.filt_size}) and sub-sampling by "
+                                         f"{down}: reduces aliasing, does not remove it")
+    if isinstance(conv, PolyphaseConv2d):
+        return Judgement(Verdict.INTEGER, f"circular conv + adaptive polyphase sampling by {down}: invariant to "
+                                          f"integer circular shifts only")
+    if isinstance(conv, SubsampledConv2d):
+        return Judgement(Verdict.NOT, f"circular padding, but stride {down} sub-samples below Nyquist")
     if isinstance(conv, AliasFreeConv2d):
         pre = getattr(conv, "pre_down", None)
         if pre is not None and not _stem_activation_is_exact(pre, conv.down):
@@ -85,7 +97,8 @@ def _stem_activation_is_exact(pre: nn.Module, down: tuple[int, int]) -> bool:
     return all(1.0 / s <= 1.0 - act.cutoff + 1e-12 for s in down)
 
 
-def _ideal(site: Site, options: Options) -> nn.Module | None:
+def _plan(site: Site, options: Options):
+    """(conv, circular padding, strided?, TF-'same'?) of a conv this family converts, or None."""
     conv: nn.Conv2d = site.module
     if type(conv) not in (nn.Conv2d, Conv2dSame) or not site.spatial:
         return None
@@ -100,19 +113,35 @@ def _ideal(site: Site, options: Options) -> nn.Module | None:
         pad = centered_pad(conv)
     else:
         pad = tf_same_pad(conv) if tf_same else None
-    if not strided:
-        return CircularConv2d.from_conv(conv, pad) if options.padding == "circular" else None
-    pre_down = None
-    stem = options.stem_activation
-    if stem is not None and site.reads_input:
-        act = LowpassPolyActivation(conv.out_channels, cutoff=stem.cutoff, coef=list(stem.coef),
-                                    in_scale=stem.in_scale, out_scale=stem.out_scale, train_scale=stem.train_scale)
-        pre_down = ResidualActivation(act, gamma=stem.gamma) if stem.residual else act
-    return AliasFreeConv2d.from_conv(conv, pad, pre_down=pre_down, same_size=tf_same,
-                                     input_filter=options.input_filter and site.reads_input)
+    return conv, pad, strided, tf_same
+
+
+def _sampled(cls: type[SampledConv2d]):
+    """The strategy: stride-1 convs made circular; strided ones a stride-1 circular conv + ``cls``'s sampler."""
+    def strategy(site: Site, options: Options) -> nn.Module | None:
+        planned = _plan(site, options)
+        if planned is None:
+            return None
+        conv, pad, strided, tf_same = planned
+        if not strided:
+            return CircularConv2d.from_conv(conv, pad) if options.padding == "circular" else None
+        pre_down = None
+        stem = options.stem_activation
+        if stem is not None and site.reads_input:
+            act = LowpassPolyActivation(conv.out_channels, cutoff=stem.cutoff, coef=list(stem.coef),
+                                        in_scale=stem.in_scale, out_scale=stem.out_scale, train_scale=stem.train_scale)
+            pre_down = ResidualActivation(act, gamma=stem.gamma) if stem.residual else act
+        new = cls.from_conv(conv, pad, pre_down=pre_down, same_size=tf_same,
+                            input_filter=options.input_filter and site.reads_input)
+        if cls is BlurConv2d:
+            new.filt_size = options.blur_size
+        return new
+    return strategy
 
 
 RULES = [
-    Rule(name="conv2d", family=FAMILY, targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d),
-         judge=_judge_conv, strategies={"ideal": _ideal}),
+    Rule(name="conv2d", family=FAMILY, targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d, BlurConv2d,
+                                                PolyphaseConv2d, SubsampledConv2d),
+         judge=_judge_conv, strategies={"ideal": _sampled(AliasFreeConv2d), "blur": _sampled(BlurConv2d),
+                                        "aps": _sampled(PolyphaseConv2d), "circular": _sampled(SubsampledConv2d)}),
 ]

@@ -52,7 +52,8 @@ def _judge_layernorm(site: Site, options: Options) -> Judgement:
         return Judgement(Verdict.EXACT, "mean over C, variance over C,H,W")
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input: already shift-invariant")
-    return Judgement(Verdict.NOT, "per-pixel normalisation divides by a per-pixel statistic")
+    return Judgement(Verdict.INTEGER, "per-pixel normalisation divides by a per-pixel statistic (pointwise: exact "
+                                      "for integer shifts only)")
 
 
 def _chw(site: Site, options: Options) -> nn.Module | None:

@@ -20,7 +20,8 @@ from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
 from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
-from afconvert.layers.pool import AliasFreePool2d
+from afconvert.layers.pool import AliasFreePool2d, SampledPool2d
+from afconvert.layers.sampling import BlurPool2d, PolyphasePool2d, SubsampledPool2d
 
 FAMILY = "pool"
 
@@ -29,8 +30,11 @@ FAMILY = "pool"
 class Options(rule.Options):
     """[pool]"""
 
-    replace: str = "ideal"          # "ideal": ideal down-sampling; "keep"
-    max: str = field(default="ideal", metadata={"choices": ("ideal", "max")})  # strided max pool: exact or circular max
+    replace: str = "ideal"          # strided pools: "ideal" (alias-free), "blur" (BlurPool), "aps" (adaptive polyphase
+                                    # sampling), "circular" (circular map, stride kept); "keep"
+    max: str = field(default="ideal", metadata={"choices": ("ideal", "max")})  # "ideal": a strided max pool is the
+                                    # ideal down-sampling alone (exact); "max": circular max first (approximate)
+    blur_size: int = 3              # "blur": width of the binomial filter
 
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, MaxPool2dSame, AvgPool2dSame)
@@ -62,6 +66,14 @@ def _judge_pool(site: Site, options: Options) -> Judgement:
     pool = _pool_of(site)
     if pool is None:
         return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
+    if isinstance(pool, BlurPool2d):
+        return Judgement(Verdict.APPROX, f"binomial blur ({pool.filt_size}) and sub-sampling by {pool.stride}: "
+                                         f"reduces aliasing, does not remove it")
+    if isinstance(pool, PolyphasePool2d):
+        return Judgement(Verdict.INTEGER, f"adaptive polyphase sampling by {pool.stride}: invariant to integer "
+                                          f"circular shifts only")
+    if isinstance(pool, SubsampledPool2d):
+        return Judgement(Verdict.NOT, f"circular map, but stride {pool.stride} sub-samples below Nyquist")
     if isinstance(pool, AliasFreePool2d):
         if pool.mode == "max":
             return Judgement(Verdict.APPROX, "stride-1 circular max before ideal down-sampling: the max's own "
@@ -78,19 +90,31 @@ def _judge_pool(site: Site, options: Options) -> Judgement:
     return Judgement(Verdict.NOT, f"stride-{_stride(pool)[0]} {kind} pooling sub-samples below Nyquist")
 
 
-def _ideal(site: Site, options: Options):
-    pool = _pool_of(site)
-    if pool is None or isinstance(pool, AliasFreePool2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
-        return None
-    same = isinstance(pool, (MaxPool2dSame, AvgPool2dSame))
-    if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)):
-        if _stride(pool) == (1, 1):
-            return None  # no alias-free max at the same rate: reported as is
-        return AliasFreePool2d.from_pool(pool, options.max, same)
-    return AliasFreePool2d.from_pool(pool, "avg", same)
+def _sampled(cls: type[SampledPool2d]):
+    """The strategy: a strided pool as its local operator at stride 1 on the circular map, then ``cls``'s
+    sampler (for ``ideal`` a max pool is the ideal down-sampling alone unless ``max = "max"``)."""
+    def strategy(site: Site, options: Options):
+        pool = _pool_of(site)
+        if pool is None or isinstance(pool, SampledPool2d) or not site.spatial or site.x is None \
+                or site.x.spatial_dims != (2, 3):
+            return None
+        same = isinstance(pool, (MaxPool2dSame, AvgPool2dSame))
+        if isinstance(pool, (nn.MaxPool2d, MaxPool2dSame)):
+            if _stride(pool) == (1, 1):
+                return None  # no alias-free max at the same rate: reported as is
+            mode = options.max if cls is AliasFreePool2d else "max"
+        else:
+            mode = "avg"
+        new = cls.from_pool(pool, mode, same)
+        if cls is BlurPool2d:
+            new.filt_size = options.blur_size
+        return new
+    return strategy
 
 
 RULES = [
-    Rule(name="pool", family=FAMILY, targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d,), judge=_judge_pool,
-         strategies={"ideal": _ideal}),
+    Rule(name="pool", family=FAMILY, targets=POOLS + tuple(FUNCTIONAL) + (AliasFreePool2d, BlurPool2d, PolyphasePool2d,
+                                                                     SubsampledPool2d), judge=_judge_pool,
+         strategies={"ideal": _sampled(AliasFreePool2d), "blur": _sampled(BlurPool2d),
+                     "aps": _sampled(PolyphasePool2d), "circular": _sampled(SubsampledPool2d)}),
 ]

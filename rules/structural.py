@@ -65,14 +65,16 @@ def _judge_product(site: Site, options) -> Judgement:
     spatial = [lay for lay in factors if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
     if len(spatial) <= 1:
         return Judgement(Verdict.EXACT, "product with a spatially constant factor (gate or scale)")
-    return Judgement(Verdict.NOT, "product of two spatial maps: a quadratic at the input rate aliases")
+    return Judgement(Verdict.INTEGER, "product of two spatial maps: a quadratic at the input rate aliases "
+                                      "(pointwise: exact for integer shifts only)")
 
 
 def _judge_quotient(site: Site, options) -> Judgement:
     divisor = site.inputs[1] if len(site.inputs) > 1 else None
     if divisor is None or not getattr(divisor, "is_spatial", False):
         return Judgement(Verdict.EXACT, "division by a spatially constant value")
-    return Judgement(Verdict.NOT, "division by a spatial map: a pointwise nonlinearity")
+    return Judgement(Verdict.INTEGER, "division by a spatial map: a pointwise nonlinearity (exact for integer "
+                                      "shifts only)")
 
 
 def _judge_indexing(site: Site, options) -> Judgement:
@@ -110,7 +112,7 @@ def _judge_pool_wrapper(site: Site, options) -> Judgement:
     pool = site.module
     if pool.pool_type in ("avg", "fast", "fastavg") and site.output is not None and not site.output.is_spatial:
         return Judgement(Verdict.EXACT, "global average pooling: invariant")
-    return Judgement(Verdict.APPROX if "max" in pool.pool_type else Verdict.NOT,
+    return Judgement(Verdict.INTEGER if "max" in pool.pool_type else Verdict.NOT,
                      f"global '{pool.pool_type}' pooling: invariant to integer shifts only")
 
 

@@ -78,7 +78,8 @@ class Report:
             return "certified: exactly alias-free (logits invariant to integer and fractional circular shifts)"
         first = ", ".join(f"{f.node} ({f.op}: {f.reason})" for f in self.offenders[:3])
         more = f" and {len(self.offenders) - 3} more" if len(self.offenders) > 3 else ""
-        label = {Verdict.APPROX: "approximately alias-free", Verdict.NOT: "NOT alias-free",
+        label = {Verdict.INTEGER: "exactly invariant to integer circular shifts only (not fractional ones)",
+                 Verdict.APPROX: "approximately alias-free", Verdict.NOT: "NOT alias-free",
                  Verdict.UNKNOWN: "NOT certified (unknown ops)"}[v]
         return f"{label}: {first}{more}"
 

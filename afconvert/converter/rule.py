@@ -37,6 +37,7 @@ class Verdict(str, enum.Enum):
     """How a node treats circular shifts of its spatial input."""
 
     EXACT = "exact"            # commutes with every circular shift, fractional ones included
+    INTEGER = "integer shifts only"  # commutes with integer circular shifts exactly, not with fractional ones
     APPROX = "approximate"     # aliases, but by a bounded / small amount
     NOT = "not alias-free"     # aliases
     UNKNOWN = "unknown"        # no rule knows this op: never certified
@@ -44,7 +45,7 @@ class Verdict(str, enum.Enum):
 
     @property
     def rank(self) -> int:
-        return {"exact": 0, "approximate": 1, "not alias-free": 2, "unknown": 3, "numerically unstable": 4}[self.value]
+        return list(Verdict).index(self)
 
 
 @dataclass(frozen=True)

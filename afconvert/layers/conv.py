@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from afconvert.layers.spectral import ideal_downsample, zero_nyquist
 
-__all__ = ["circular_pad", "CircularConv2d", "AliasFreeConv2d", "conv_output_size"]
+__all__ = ["circular_pad", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d", "conv_output_size"]
 
 
 def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
@@ -75,12 +75,10 @@ class CircularConv2d(nn.Conv2d):
         return super().extra_repr() + f", circular_pad={self.pad}"
 
 
-class AliasFreeConv2d(CircularConv2d):
-    """A stride-s convolution made alias-free: stride-1 circular conv, then ideal down-sampling.
-
-    y = D_s(w (*) x), where (*) is circular convolution and D_s keeps the bins |k| < n/2 of the
-    output size n (the source layer's own output size, so every downstream shape is unchanged)
-    and resamples. The weights are the source layer's. Optional extras, in order:
+class SampledConv2d(CircularConv2d):
+    """A stride-s convolution as a stride-1 circular convolution followed by a down-sampler
+    (``downsample``, in each subclass) to the source layer's own output size, so every downstream
+    shape is unchanged. The weights are the source layer's. Optional extras, in order:
 
     * ``input_filter``: remove the input's Nyquist bins first (for the layer that reads the
       image: the only part of an image with no unique sub-pixel shift);
@@ -88,12 +86,14 @@ class AliasFreeConv2d(CircularConv2d):
       activation).
     """
 
+    sampler = "subsampled"
+
     def __init__(self, *args, **kwargs):  # built with from_conv
-        raise TypeError("build AliasFreeConv2d with AliasFreeConv2d.from_conv(conv, ...)")
+        raise TypeError(f"build {type(self).__name__} with {type(self).__name__}.from_conv(conv, ...)")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, pad: Sequence[int] | None = None, pre_down: nn.Module | None = None,
-                  input_filter: bool = False, same_size: bool = False) -> "AliasFreeConv2d":
+                  input_filter: bool = False, same_size: bool = False) -> "SampledConv2d":
         """``same_size``: the source pads dynamically (TF 'same'), its output is ceil(N / s)."""
         new = super().from_conv(conv, pad)
         new.down = tuple(conv.stride)
@@ -112,6 +112,10 @@ class AliasFreeConv2d(CircularConv2d):
         return (max(1, conv_output_size(h, k[0], s[0], p[0], d[0])),
                 max(1, conv_output_size(w, k[1], s[1], p[1], d[1])))
 
+    def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        """y (the stride-1 output) at the output ``size``; ``x`` is the layer's input (same H, W)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.output_size(*x.shape[-2:])
         if self.input_filter:
@@ -119,11 +123,24 @@ class AliasFreeConv2d(CircularConv2d):
         y = self._circular_conv(x)
         if "pre_down" in self._modules:
             y = self.pre_down(y)
-        return ideal_downsample(y, self.down, size=size)
+        return self.downsample(y, size, x)
 
     def extra_repr(self) -> str:
         extra = ", input_filter=True" if self.input_filter else ""
-        return super().extra_repr() + f", ideal_down={self.down}{extra}"
+        return super().extra_repr() + f", {self.sampler}_down={self.down}{extra}"
+
+
+class AliasFreeConv2d(SampledConv2d):
+    """A stride-s convolution made alias-free: stride-1 circular conv, then ideal down-sampling.
+
+    y = D_s(w (*) x), where (*) is circular convolution and D_s keeps the bins |k| < n/2 of the
+    output size n (the source layer's own output size) and resamples.
+    """
+
+    sampler = "ideal"
+
+    def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        return ideal_downsample(y, self.down, size=size)
 
 
 def _symmetric_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:

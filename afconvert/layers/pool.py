@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from afconvert.layers.conv import circular_pad
 from afconvert.layers.spectral import ideal_downsample
 
-__all__ = ["AliasFreePool2d", "pool_output_size"]
+__all__ = ["SampledPool2d", "AliasFreePool2d", "pool_output_size"]
 
 
 def _pair(v) -> tuple[int, int]:
@@ -36,10 +36,12 @@ def pool_output_size(n: int, kernel: int, stride: int, padding: int, dilation: i
     return max(out, 1)
 
 
-class AliasFreePool2d(nn.Module):
-    """``mode``: 'avg' (circular box filter, exact), 'ideal' (no local operator, exact) or 'max'
-    (circular stride-1 max, approximate); then ideal down-sampling to the source pool's output size.
-    (N, C, H, W) -> (N, C, h, w)."""
+class SampledPool2d(nn.Module):
+    """A stride-s pool as its local operator at stride 1 on the circular map, then a down-sampler
+    (``downsample``, in each subclass) to the source pool's output size. ``mode``: 'avg' (circular box
+    filter), 'max' (circular max) or 'ideal' (no local operator). (N, C, H, W) -> (N, C, h, w)."""
+
+    sampler = "subsampled"
 
     def __init__(self, mode: str, kernel_size, stride, padding=0, dilation=1, ceil_mode: bool = False,
                  same: bool = False):
@@ -51,7 +53,7 @@ class AliasFreePool2d(nn.Module):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
 
     @classmethod
-    def from_pool(cls, pool: nn.Module, mode: str, same: bool = False) -> "AliasFreePool2d":
+    def from_pool(cls, pool: nn.Module, mode: str, same: bool = False) -> "SampledPool2d":
         return cls(mode, pool.kernel_size, pool.stride, pool.padding, getattr(pool, "dilation", 1),
                    getattr(pool, "ceil_mode", False), same)
 
@@ -69,11 +71,24 @@ class AliasFreePool2d(nn.Module):
                          groups=x.shape[1])
         return F.max_pool2d(xp, self.kernel_size, 1, 0, self.dilation)
 
+    def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        """y (the local operator's stride-1 output) at the output ``size``; ``x`` is the pool's input."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.output_size(*x.shape[-2:])
-        if self.mode != "ideal":
-            x = self._local(x)
-        return ideal_downsample(x, self.stride, size=size)
+        y = self._local(x) if self.mode != "ideal" else x
+        return self.downsample(y, size, x)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, kernel_size={self.kernel_size}, stride={self.stride}"
+        return f"mode={self.mode}, kernel_size={self.kernel_size}, stride={self.stride}, sampler={self.sampler}"
+
+
+class AliasFreePool2d(SampledPool2d):
+    """``mode``: 'avg' (circular box filter, exact), 'ideal' (no local operator, exact) or 'max'
+    (circular stride-1 max, approximate); then ideal down-sampling to the source pool's output size."""
+
+    sampler = "ideal"
+
+    def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        return ideal_downsample(y, self.stride, size=size)

@@ -109,3 +109,16 @@ def test_format_1_checkpoints_still_load(tmp_path):
     x = random_input(2, 3, (64, 64))
     with torch.no_grad():
         assert torch.equal(loaded(x), built.converted.eval()(x))
+
+
+@pytest.mark.parametrize("recipe", ["afc-paper", "blurpool", "aps", "circular"])
+def test_every_recipe_round_trips_through_its_plan(recipe, tmp_path):
+    built = afconvert.build("resnet18", pretrained=False, num_classes=4, recipe=recipe,
+                            options={"conv": {"blur_size": 5}} if recipe == "blurpool" else None)
+    randomize_(built.converted, seed=1)
+    afconvert.save(built.converted, tmp_path / "m.pt")
+    loaded = afconvert.load(tmp_path / "m.pt")
+    x = random_input(2, 3, (64, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), built.converted.eval()(x))
+    assert repr(loaded) == repr(built.converted)
