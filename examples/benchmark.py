@@ -5,25 +5,19 @@
 Prints milliseconds per batch for both and the ratio converted / original (no weights needed).
 """
 import argparse
-import time
 
 import torch
+import torch.utils.benchmark as benchmark
 
 import afconvert
 from afconvert.sources.models import create_source_model
 
 
-def _time(model, x, repeats):
+def _time(model, x, repeats: float) -> float:
+    """Median milliseconds per forward (torch.utils.benchmark: warm-up, CUDA synchronisation, threads)."""
+    timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
     with torch.no_grad():
-        model(x)  # warm-up
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats * 1e3
+        return timer.blocked_autorange(min_run_time=repeats).median * 1e3
 
 
 def main():
@@ -32,7 +26,7 @@ def main():
     p.add_argument("--recipe", default="afc")
     p.add_argument("--input-size", nargs=2, type=int, default=(224, 224))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=float, default=3.0, help="seconds of timing per model (at least)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     source, _ = create_source_model(args.model, pretrained=False)

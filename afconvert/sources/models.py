@@ -78,16 +78,16 @@ def read_state_dict(path: str | Path) -> dict:
 
 
 def _unwrap(obj) -> dict:
-    """The state_dict inside a checkpoint: {'state_dict'|'model'|'module'|'model_ema'|...: sd} or sd itself."""
+    """The state_dict inside a checkpoint: {'state_dict'|'model'|'module'|'model_ema'|...: sd} or sd itself,
+    without DDP / torch.compile key prefixes (timm's ``clean_state_dict``)."""
+    from timm.models import clean_state_dict
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = obj
-    else:
-        for key in ("state_dict", "model", "module", "model_ema", "state_dict_ema"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                return _unwrap(obj[key])
-        raise ModelSourceError("the weights file holds no state_dict (a dict of tensors, or one under "
-                               "'state_dict' / 'model'); fix: save model.state_dict()")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        return clean_state_dict(obj)
+    for key in ("state_dict", "model", "module", "model_ema", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return _unwrap(obj[key])
+    raise ModelSourceError("the weights file holds no state_dict (a dict of tensors, or one under "
+                           "'state_dict' / 'model'); fix: save model.state_dict()")
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
