@@ -18,15 +18,8 @@ import afconvert
 from afconvert.converter.certify import DEFAULT_SHIFTS, random_input
 from afconvert.layers.spectral import fractional_shift
 from afconvert.sources.models import create_source_model
+from afconvert.sources.zoo import ZOO
 
-ZOO = [
-    "timm:resnet18", "timm:resnet50", "timm:resnet18d", "timm:resnext50_32x4d", "timm:seresnet50",
-    "timm:efficientnet_b0", "timm:efficientnet_lite0", "timm:mobilenetv2_100", "timm:mobilenetv3_large_100",
-    "timm:regnety_002", "timm:convnext_tiny", "timm:convnextv2_atto", "timm:densenet121", "timm:ghostnet_100",
-    "timm:repvgg_a0", "timm:tf_efficientnet_lite0",
-    "torchvision:resnet18", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
-    "torchvision:convnext_tiny", "torchvision:regnet_y_400mf",
-]
 
 
 def _fmt(v: float) -> str:

@@ -14,21 +14,9 @@ from afconvert.converter.certify import random_input
 from afconvert.converter.rule import Verdict
 from afconvert.layers.spectral import fractional_shift
 from afconvert.sources.models import create_source_model
+from afconvert.sources.zoo import MORE, ZOO
 
-MODELS = [
-    "timm:resnet18", "timm:resnet50", "timm:resnet18d", "timm:resnext50_32x4d", "timm:seresnet50",
-    "timm:efficientnet_b0", "timm:efficientnet_lite0", "timm:mobilenetv2_100", "timm:mobilenetv3_large_100",
-    "timm:regnety_002", "timm:convnext_tiny", "timm:convnextv2_atto", "timm:densenet121", "timm:ghostnet_100",
-    "timm:repvgg_a0", "timm:tf_efficientnet_lite0",
-    "torchvision:resnet18", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
-    "torchvision:convnext_tiny", "torchvision:regnet_y_400mf",
-]
-# the 10 of 16 further timm families whose converted logits were NaN or exploded at 96 px before the
-# activations were made scale-equivariant (default initialisation)
-MORE_MODELS = [
-    "timm:dpn68", "timm:hrnet_w18_small", "timm:rexnet_100", "timm:semnasnet_100", "timm:tinynet_a",
-    "timm:fbnetc_100", "timm:gernet_s", "timm:res2net50_26w_4s", "timm:mixnet_s", "timm:lcnet_050",
-]
+MODELS, MORE_MODELS = list(ZOO), list(MORE)
 SHIFTS = [(1, 0), (-2, 3), (0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75)]
 SIZE = (64, 64)
 SIZES = [(64, 64), (96, 96), (160, 160), (224, 224), (96, 160)]
