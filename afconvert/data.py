@@ -6,6 +6,7 @@
   convention, integer folder names, ImageNet synsets, or sorted order when they are the classes).
 * ``open_image``: one image as RGB, or ``None`` when it cannot be read (callers skip and count it).
 * ``data_config`` / ``load_images``: timm's eval transform for a model, and a stack of images with it.
+* ``training_samples`` / ``ImageDataset``: images (labelled by class folder, or not) for fine-tuning.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["DataError", "IMAGE_EXTENSIONS", "list_images", "read_class_map", "class_indices", "open_image",
-           "data_config", "load_images"]
+__all__ = ["DataError", "IMAGE_EXTENSIONS", "list_images", "find_images", "read_class_map", "class_indices",
+           "open_image", "data_config", "load_images", "ImageDataset", "training_samples"]
 
 
 class DataError(ValueError):
@@ -153,3 +154,41 @@ def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int
     if not images:
         raise DataError(f"none of the images under {folder} can be read; fix: point {flag} at readable images")
     return torch.stack(images), skipped
+
+
+class ImageDataset:
+    """(transformed image, class index or -1) per path, or None for an unreadable file (``collate``
+    drops and counts it): a map-style dataset for ``torch.utils.data.DataLoader``."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        img = open_image(path)
+        return None if img is None else (self.transform(img), target)
+
+    @staticmethod
+    def collate(batch: list):
+        """(images, targets, number of unreadable files) of the readable items of a batch."""
+        import torch
+        items = [b for b in batch if b is not None]
+        if not items:
+            return None, None, len(batch)
+        return torch.stack([b[0] for b in items]), torch.tensor([b[1] for b in items]), len(batch) - len(items)
+
+
+def training_samples(root: str | Path, flag: str = "--data") -> tuple[list[tuple[Path, int]], list[str]]:
+    """Every image under ``root`` with its class folder's index (sorted folder names), or -1 for all when
+    some images are not in class folders (an unlabeled folder). Returns (samples, class folder names)."""
+    root = Path(root)
+    files = find_images(root, flag)
+    rel = [p.relative_to(root).parts for p in files]
+    if all(len(parts) >= 2 for parts in rel):
+        folders = sorted({parts[0] for parts in rel})
+        index = {f: i for i, f in enumerate(folders)}
+        return [(p, index[parts[0]]) for p, parts in zip(files, rel)], folders
+    return [(p, -1) for p in files], []

@@ -21,7 +21,6 @@ from afconvert.sources.models import create_source_model
 from afconvert.sources.zoo import ZOO
 
 
-
 def _fmt(v: float) -> str:
     return "non-finite" if v != v or v == float("inf") else f"{v:.2g}"
 

@@ -3,6 +3,7 @@
     afconvert MODEL --out model.pt [--weights FILE | --no-pretrained] [--recipe afc] [--input-size H W]
     afconvert audit MODEL_OR_CHECKPOINT [--format json]
     afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
+    afconvert finetune STUDENT --data DIR --output DIR [--steps N] [--resume] ...   (also under torchrun)
     afconvert recipes
 
 Each command is a module with ``run(argv)``, imported only when it runs; torch is imported only
@@ -15,7 +16,7 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes"}
+COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune"}
 
 
 def main(argv: list[str] | None = None) -> int:

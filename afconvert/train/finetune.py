@@ -1,0 +1,362 @@
+"""Fine-tuning a converted model by distillation from its source model, timm-style, on one CPU or many
+GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a ``DistributedSampler``).
+
+* Data: every image under ``--data`` (class folders give labels for the optional task loss; unlabeled
+  folders work), timm's training transform (random resized crop, flip, RandAugment) at the student's
+  mean/std. Each sample's augmentation is seeded by (seed, epoch, index): a run is reproducible
+  whatever the number of workers, and a resumed run sees exactly the images the killed one would have.
+* Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
+  ``--task-loss-weight``, cross-entropy on the folder labels. timm's ``create_optimizer_v2``,
+  ``create_scheduler_v2`` (stepped per update) and ``ModelEmaV3``. BatchNorm statistics stay frozen
+  (few images per batch) unless ``--train-bn``.
+* Checkpoints: ``OUTPUT/last.pt`` every ``--checkpoint-every`` steps, written atomically, holding the
+  model, optimizer, scheduler, EMA, step and every rank's RNG; ``--resume`` continues from it and loses
+  at most the steps since. ``OUTPUT/teacher.pt`` (the teacher's weights, the same on every process and
+  after a resume), ``OUTPUT/log.csv`` (one row per step), ``OUTPUT/curves.png`` (loss and agreement with
+  the teacher), ``OUTPUT/final.pt`` (an afconvert checkpoint: ``afconvert.load``).
+* Training changes only weights: every layer keeps its class, so the certificate still holds; the final
+  report re-runs it, numerics included.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afconvert.atomic import atomic_write
+from afconvert.data import DataError, ImageDataset, data_config, training_samples
+from afconvert.train.distill import agreement, kd_loss
+
+__all__ = ["FinetuneConfig", "FinetuneError", "finetune", "TRAIN_FORMAT"]
+
+TRAIN_FORMAT = "afconvert-train/1"
+KILL_ENV = "AFCONVERT_TEST_KILL_AFTER_STEP"   # tests: exit abruptly after this step, as a killed run would
+
+
+class FinetuneError(DataError):
+    """A fine-tuning input that cannot work; the message names the fix."""
+
+
+@dataclass
+class FinetuneConfig:
+    data: str
+    output: str
+    epochs: int = 10
+    steps: int | None = None            # total optimizer steps (overrides epochs)
+    batch_size: int = 16                # per process
+    input_size: tuple[int, int] | None = None  # default: the student's data config
+    opt: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    kd_temperature: float = 1.0
+    task_loss_weight: float = 0.0
+    clip_grad: float | None = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.999
+    train_bn: bool = False
+    auto_augment: str | None = "rand-m9-mstd0.5"
+    checkpoint_every: int = 50
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """``ImageDataset`` whose random augmentation is a function of (seed, epoch, index) alone."""
+
+    def __init__(self, images: ImageDataset, seed: int):
+        self.images, self.seed, self.epoch = images, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        s = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % (2 ** 31)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        return self.images[i]
+
+
+def _distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device(device if device not in ("auto", "cuda") else "cpu")
+
+
+def _all_mean(values: list[float], world: int, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t.tolist()
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _same_teacher(teacher: nn.Module, path: Path, resuming: bool, rank: int, world: int) -> None:
+    """Every process, and a resumed run, distils from the very same teacher: rank 0's weights are
+    broadcast, and kept in ``OUTPUT/teacher.pt`` for ``--resume`` (a randomly initialised or
+    re-downloaded teacher would differ)."""
+    if resuming:
+        if not path.is_file():
+            raise FinetuneError(f"--resume: no {path} (the teacher of the run); fix: start a new run in another "
+                                f"--output")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        teacher.load_state_dict(state, strict=True)
+    elif world > 1:
+        for t in teacher.state_dict().values():
+            dist.broadcast(t, src=0)
+    if rank == 0 and not resuming:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+        atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def _read_state(path: Path) -> dict:
+    from afconvert.sources.models import load_error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FinetuneError(f"--resume: cannot read {path}: {load_error(exc)}; fix: start a new run in another "
+                            f"--output") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        raise FinetuneError(f"--resume: {path} is not an afconvert fine-tuning checkpoint; fix: point --output at "
+                            f"the folder of the run to resume")
+    return state
+
+
+def _check_output(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuse to overwrite another run."""
+    last = out / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--output {out} is a file; fix: give a folder")
+    if resume:
+        if not last.is_file():
+            raise FinetuneError(f"--resume: no checkpoint {last}; fix: drop --resume to start a new run")
+        return last
+    if out.is_dir() and any((out / n).exists() for n in ("last.pt", "log.csv", "final.pt", "teacher.pt")):
+        raise FinetuneError(f"--output {out} holds another run; fix: --resume to continue it, or choose another "
+                            f"--output")
+    return None
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def _plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [int(r["step"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, [float(r["loss"]) for r in rows])
+    a.set(xlabel="step", ylabel="distillation loss", yscale="log", title="loss")
+    b.plot(steps, [100 * float(r["agreement"]) for r in rows])
+    b.set(xlabel="step", ylabel="top-1 agreement with the teacher (%)", ylim=(-2, 102), title="agreement (batch)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=print) -> dict:
+    """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says; returns a
+    summary {"steps", "final", "verdict", ...}. Rank 0 writes every output."""
+    rank, world, device = _distributed(cfg.device)
+    out = Path(cfg.output)
+    resume_from = _check_output(out, cfg.resume)
+    samples, folders = training_samples(cfg.data)
+    from timm.data import create_transform
+    dcfg = data_config(student)
+    size = tuple(cfg.input_size or dcfg["input_size"][1:])
+    transform = create_transform(input_size=(3, *size), is_training=True, auto_augment=cfg.auto_augment,
+                                 mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg["interpolation"])
+    images = _SeededImages(ImageDataset(samples, transform), cfg.seed)
+    sampler = torch.utils.data.DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // cfg.batch_size
+    if per_epoch == 0:
+        raise FinetuneError(f"{len(samples)} images for batches of {cfg.batch_size} on {world} process(es); fix: "
+                            f"a smaller --batch-size or more images")
+    total = cfg.steps or cfg.epochs * per_epoch
+
+    student.to(device)
+    teacher.to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, *size, device=device)
+        k_s, k_t = student.eval()(probe).shape[-1], teacher(probe).shape[-1]
+    if k_s != k_t:
+        raise FinetuneError(f"the student has {k_s} classes, the teacher {k_t}; fix: a teacher of the same classes "
+                            f"(--teacher, --num-classes)")
+    if cfg.task_loss_weight and folders and len(folders) > k_s:
+        raise FinetuneError(f"{len(folders)} class folders for {k_s} classes; fix: --task-loss-weight 0")
+
+    state = _read_state(resume_from) if resume_from is not None else None
+    if state is not None and state["world_size"] != world:
+        raise FinetuneError(f"--resume: the run used {state['world_size']} process(es), this one {world}; fix: "
+                            f"resume with --nproc_per_node={state['world_size']}")
+    _same_teacher(teacher, out / "teacher.pt", state is not None, rank, world)
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    optimizer = create_optimizer_v2(student, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=math.ceil(total / per_epoch),
+                                       warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
+                                       updates_per_epoch=per_epoch)
+    ema = ModelEmaV3(student, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    step, rows = 0, []
+    if state is not None:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step = int(state["step"])
+        _set_rng_state(state["rng"][rank])
+        if (out / "log.csv").is_file():
+            with open(out / "log.csv", newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        log(f"resumed {resume_from} at step {step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if rows:
+            _write_csv(out / "log.csv", rows)
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+
+    def save_checkpoint() -> None:
+        rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        if rank == 0:
+            state = {"format": TRAIN_FORMAT, "step": step, "world_size": world, "config": asdict(cfg),
+                     "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "rng": rng}
+            atomic_write(out / "last.pt", lambda fh: torch.save(state, fh))
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, leave=False,
+               disable=rank != 0 or not cfg.progress)
+    skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0"))
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        images.epoch = epoch
+        order = list(sampler)[offset * cfg.batch_size: per_epoch * cfg.batch_size]
+        loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order,
+                                             collate_fn=ImageDataset.collate, num_workers=cfg.workers)
+        for x, y, skipped in loader:
+            skipped_total += skipped
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            if not cfg.train_bn:
+                _freeze_bn(student)
+            if x is None:
+                x = torch.zeros(0, 3, *size)
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                t = teacher(x)
+            s = model(x)
+            loss, _ = kd_loss(s, t, cfg.kd_temperature)
+            if loss is None:
+                loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
+            if cfg.task_loss_weight and (y >= 0).any():
+                ok = (y >= 0) & torch.isfinite(s).all(1)
+                if ok.any():
+                    loss = loss + cfg.task_loss_weight * F.cross_entropy(s[ok], y[ok])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(student, step=step)
+            agree = agreement(s.detach(), t).float().mean().item() if len(x) else 0.0
+            mean_loss, mean_agree = _all_mean([float(loss.detach()), agree], world, device)
+            rate = len(x) * world / max(time.perf_counter() - t0, 1e-9)
+            rows.append({"step": step, "epoch": epoch, "loss": f"{mean_loss:.6g}", "agreement": f"{mean_agree:.4f}",
+                         "lr": f"{optimizer.param_groups[0]['lr']:.6g}", "images_per_s": f"{rate:.1f}"})
+            bar.set_postfix(loss=f"{mean_loss:.3g}", agree=f"{mean_agree:.2f}", img_s=f"{rate:.0f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == total:
+                save_checkpoint()
+                if rank == 0:
+                    _write_csv(out / "log.csv", rows)
+            if kill_at and step == kill_at:
+                os._exit(17)  # a kill, as far as this run can tell: nothing after this step is saved
+    bar.close()
+    summary = {"steps": step, "skipped_images": skipped_total, "world_size": world}
+    if rank == 0:
+        final = ema.module if ema is not None else student
+        if ema is not None:
+            final.afconvert_info = student.afconvert_info
+        from afconvert.converter.engine import audit
+        from afconvert.sources.checkpoint import save
+        save(final, out / "final.pt")
+        report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])
+        summary.update(final=str(out / "final.pt"), verdict=report.verdict_text, stable=report.stable,
+                       curves=str(out / "curves.png") if _plot(rows, out / "curves.png") else None)
+    if world > 1:
+        dist.barrier()
+    return summary

@@ -1,0 +1,148 @@
+"""`afconvert finetune`: distillation that runs, resumes exactly after a kill (torchrun, 2 processes,
+gloo), keeps the certificate, and refuses bad inputs in one line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import afconvert
+from afconvert.cli import main
+from afconvert.train.distill import agreement, kd_loss
+from afconvert.train.finetune import KILL_ENV, FinetuneConfig, finetune
+
+MODEL = ["test_convnext", "--no-pretrained", "--num-classes", "3"]
+SMALL = ["--batch-size", "2", "--input-size", "32", "32", "--no-progress", "--aa", ""]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft") / "data"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_kd_loss_leaves_out_non_finite_rows():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    loss, dropped = kd_loss(s, t, 2.0)
+    assert dropped == 0 and loss > 0 and kd_loss(t, t)[0] < 1e-6
+    s[1, 0] = float("inf")
+    loss, dropped = kd_loss(s, t)
+    assert dropped == 1 and torch.isfinite(loss)
+    assert kd_loss(s[1:2], t[1:2]) == (None, 1)
+    assert agreement(t, t).all() and not agreement(s, t)[1]
+
+
+def _torchrun(tmp_path, output, *extra, env=None, port):
+    """Start a 2-process run (wait with .communicate()); every run starts from the same student checkpoint,
+    whose teacher is rebuilt from it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "afconvert", "finetune", str(tmp_path / "student.pt"), "--data", str(tmp_path / "data"),
+           "--output", str(output),
+           "--steps", "5", "--checkpoint-every", "2", *SMALL, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+
+def _wait(proc) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def test_torchrun_killed_then_resumed_ends_in_the_same_state(data, tmp_path):
+    (tmp_path / "data").symlink_to(data)
+    afconvert.save(afconvert.build("test_convnext", pretrained=False, num_classes=3).converted, tmp_path / "student.pt")
+    whole = _torchrun(tmp_path, tmp_path / "whole", port=29531)            # the two runs side by side
+    killed = _torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"}, port=29532)
+    rc, _, err = _wait(whole)
+    assert rc == 0, err[-2000:]
+    assert _wait(killed)[0] != 0                                    # killed after step 3 ...
+    saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and not (tmp_path / "killed" / "final.pt").exists()   # ... last checkpoint: step 2
+    rc, out, err = _wait(_torchrun(tmp_path, tmp_path / "killed", "--resume", port=29533))
+    assert rc == 0, err[-2000:]
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "killed"))
+    assert a["step"] == b["step"] == 5
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k] for k in pa)
+    assert a["scheduler"] == b["scheduler"]
+    log = (tmp_path / "killed" / "log.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4, 5]   # step 3 redone once, not logged twice
+    model = afconvert.load(tmp_path / "killed" / "final.pt")
+    assert "certified" in out and afconvert.audit(model, check=False).verdict.value == "exact"
+
+
+def _pair():
+    built = afconvert.build("test_convnext", pretrained=False, num_classes=3)
+    return built.converted, built.source
+
+
+def test_trains_keeps_certificate_and_skips_unreadable_images(data, tmp_path):
+    broken = tmp_path / "data"
+    import shutil
+    shutil.copytree(data, broken)
+    (broken / "0" / "broken.png").write_bytes(b"not an image")
+    student, teacher = _pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = FinetuneConfig(data=str(broken), output=str(tmp_path / "run"), steps=3, batch_size=4, input_size=(32, 32),
+                         progress=False, auto_augment=None, lr=1e-3)
+    summary = finetune(student, teacher, cfg)
+    assert summary["steps"] == 3 and summary["skipped_images"] >= 1
+    assert summary["stable"] and summary["verdict"].startswith("certified")
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "final.pt").is_file()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "no images"),
+    ("empty", "no images"),
+    ("other_run", "holds another run; fix: --resume"),
+    ("no_checkpoint", "--resume: no checkpoint"),
+    ("corrupt", "--resume: cannot read"),
+    ("foreign", "is not an afconvert fine-tuning checkpoint"),
+    ("classes", "the student has 3 classes, the teacher 5"),
+])
+def test_bad_inputs_are_one_line_and_lose_nothing(case, message, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", *MODEL, "--data", str(data), "--output", str(out), "--steps", "1", *SMALL]
+    if case == "missing":
+        argv[argv.index("--data") + 1] = str(tmp_path / "nope")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        argv[argv.index("--data") + 1] = str(tmp_path / "empty")
+    elif case == "other_run":
+        out.mkdir()
+        (out / "log.csv").write_text("step\n1\n")
+    elif case == "no_checkpoint":
+        argv.append("--resume")
+    elif case in ("corrupt", "foreign"):
+        out.mkdir()
+        if case == "corrupt":
+            (out / "last.pt").write_bytes(b"junk")
+        else:
+            torch.save({"state_dict": {}}, out / "last.pt")
+        argv.append("--resume")
+    elif case == "classes":
+        argv += ["--teacher", "test_convnext", "--teacher-num-classes", "5", "--teacher-weights",
+                 str(_teacher_weights(tmp_path))]
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "fix" in err, err
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before   # nothing written
+
+
+def _teacher_weights(tmp_path: Path) -> Path:
+    import timm
+    path = tmp_path / "teacher5.pth"
+    torch.save(timm.create_model("test_convnext", num_classes=5).state_dict(), path)
+    return path
