@@ -18,6 +18,7 @@ from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.conv import AliasFreeConv2d, CircularConv2d, SampledConv2d, centered_pad, tf_same_pad
 from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
+from afconvert.layers.pool import SampledPool2d
 from afconvert.layers.sampling import BlurConv2d, PolyphaseConv2d, SubsampledConv2d
 
 FAMILY = "conv"
@@ -50,17 +51,28 @@ class Options(rule.Options):
     stem_activation: StemActivation | None = None
 
 
+# the peers' samplers (afconvert.layers.sampling), judged the same after a conv or a pool
+PEER_SAMPLERS = {
+    "blur": (Verdict.APPROX, "binomial blur and sub-sampling by {s}: reduces aliasing, does not remove it"),
+    "aps": (Verdict.INTEGER, "adaptive polyphase sampling by {s}: invariant to integer circular shifts only"),
+    "subsampled": (Verdict.NOT, "circular, but sub-sampling by {s} keeps frequencies above Nyquist"),
+}
+
+
+def judge_peer_sampler(layer: nn.Module, stride) -> Judgement | None:
+    """The verdict of a conv or pool that down-samples with a peer's sampler; None for other layers."""
+    sampler = getattr(layer, "sampler", None)
+    if not isinstance(layer, (SampledConv2d, SampledPool2d)) or sampler not in PEER_SAMPLERS:
+        return None
+    verdict, reason = PEER_SAMPLERS[sampler]
+    return Judgement(verdict, reason.format(s=tuple(stride)))
+
+
 def _judge_conv(site: Site, options: Options) -> Judgement:
     conv: nn.Conv2d = site.module
-    down = getattr(conv, "down", None)
-    if isinstance(conv, BlurConv2d):
-        return Judgement(Verdict.APPROX, f"circular conv + binomial blur ({conv.filt_size}) and sub-sampling by "
-                                         f"{down}: reduces aliasing, does not remove it")
-    if isinstance(conv, PolyphaseConv2d):
-        return Judgement(Verdict.INTEGER, f"circular conv + adaptive polyphase sampling by {down}: invariant to "
-                                          f"integer circular shifts only")
-    if isinstance(conv, SubsampledConv2d):
-        return Judgement(Verdict.NOT, f"circular padding, but stride {down} sub-samples below Nyquist")
+    peer = judge_peer_sampler(conv, getattr(conv, "down", (1, 1)))
+    if peer is not None:
+        return peer
     if isinstance(conv, AliasFreeConv2d):
         pre = getattr(conv, "pre_down", None)
         if pre is not None and not _stem_activation_is_exact(pre, conv.down):

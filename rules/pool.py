@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 import torch.nn.functional as F
+from afconvert.rules.conv import judge_peer_sampler
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
 from afconvert.converter import rule
@@ -66,14 +67,9 @@ def _judge_pool(site: Site, options: Options) -> Judgement:
     pool = _pool_of(site)
     if pool is None:
         return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
-    if isinstance(pool, BlurPool2d):
-        return Judgement(Verdict.APPROX, f"binomial blur ({pool.filt_size}) and sub-sampling by {pool.stride}: "
-                                         f"reduces aliasing, does not remove it")
-    if isinstance(pool, PolyphasePool2d):
-        return Judgement(Verdict.INTEGER, f"adaptive polyphase sampling by {pool.stride}: invariant to integer "
-                                          f"circular shifts only")
-    if isinstance(pool, SubsampledPool2d):
-        return Judgement(Verdict.NOT, f"circular map, but stride {pool.stride} sub-samples below Nyquist")
+    peer = judge_peer_sampler(pool, pool.stride) if isinstance(pool, SampledPool2d) else None
+    if peer is not None:
+        return peer
     if isinstance(pool, AliasFreePool2d):
         if pool.mode == "max":
             return Judgement(Verdict.APPROX, "stride-1 circular max before ideal down-sampling: the max's own "
