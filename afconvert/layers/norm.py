@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.layers.spectral import promote_half
+
 __all__ = ["AliasFreeLayerNorm"]
 
 
@@ -45,6 +47,7 @@ class AliasFreeLayerNorm(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, promote_half(x)            # float32 under autocast: the variance needs range
         cd = self.channel_dim % x.ndim
         u = x.mean(cd, keepdim=True)
         xc = x - u
@@ -56,7 +59,7 @@ class AliasFreeLayerNorm(nn.Module):
             y = y * self.weight.reshape(shape)
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
-        return y
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, eps={self.eps}, channel_dim={self.channel_dim}, spatial_dims={self.spatial_dims}"

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from afconvert.layers.spectral import ideal_lowpass, ideal_resample, ideal_upsample
+from afconvert.layers.spectral import ideal_lowpass, ideal_resample, ideal_upsample, promote_half
 
 __all__ = [
     "PolyActivation",
@@ -230,7 +230,7 @@ class PolyActivation(_InitialisedByConversion):
         return res
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.polynomial(x)
+        return self.polynomial(promote_half(x)).to(x.dtype)   # float32 under autocast: powers need range
 
     def extra_repr(self) -> str:
         norm = f", normalize={self.normalize}, spatial_dims={self.spatial_dims}" if self.normalize != "none" else ""
@@ -252,8 +252,8 @@ class AliasFreePolyActivation(PolyActivation):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [x.shape[d] for d in self.spatial_dims]
-        y = self.polynomial(ideal_upsample(x, self.up, self.spatial_dims))
-        return ideal_resample(y, size, self.spatial_dims)
+        y = self.polynomial(ideal_upsample(promote_half(x), self.up, self.spatial_dims))
+        return ideal_resample(y, size, self.spatial_dims).to(x.dtype)
 
     def extra_repr(self) -> str:
         dims = f", spatial_dims={self.spatial_dims}" if self.normalize == "none" else ""
@@ -277,10 +277,12 @@ class LowpassPolyActivation(PolyActivation):
         self.cutoff = cutoff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, promote_half(x)
         z = x * self.in_scale.to(x.dtype)
         c = self.coef.to(x.dtype)
         view = lambda k: _channel_view(c[:, k], x.ndim, self.channel_dim)  # noqa: E731
-        return (view(0) + view(1) * z + view(2) * z * ideal_lowpass(z, self.cutoff)) * self.out_scale.to(x.dtype)
+        return ((view(0) + view(1) * z + view(2) * z * ideal_lowpass(z, self.cutoff)) * self.out_scale.to(x.dtype)
+                ).to(dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", cutoff={self.cutoff}"

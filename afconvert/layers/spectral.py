@@ -31,6 +31,7 @@ __all__ = [
     "ideal_lowpass",
     "fractional_shift",
     "zero_nyquist",
+    "promote_half",
 ]
 
 Dims = Sequence[int]
@@ -50,6 +51,15 @@ def _real_dtype(x: torch.Tensor) -> torch.dtype:
         raise TypeError(f"spectral ops need a floating point tensor, got {x.dtype}")
     # half precision FFTs only exist for powers of two on CUDA: compute in float32
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def promote_half(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is float16 / bfloat16, else as it is.
+
+    For the layers whose maths needs range under mixed precision (autocast): FFTs (half precision
+    only for powers of two on CUDA), polynomials and fourth powers (an L4 scale of a value above 16
+    overflows float16), variances. They compute in float32 and return the input's dtype."""
+    return x.to(_real_dtype(x))
 
 
 def _crop_or_pad_full(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> torch.Tensor:

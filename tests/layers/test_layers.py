@@ -220,3 +220,28 @@ def test_normalize_is_validated():
         PolyActivation(3, normalize="rms")
     with pytest.raises(ValueError, match="degree >= 2"):
         PolyActivation(3, degree=1, normalize="channel")
+
+
+@pytest.mark.parametrize("layer", [
+    AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"),
+    AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3]),
+    PolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"),
+    AliasFreeLayerNorm(4),
+], ids=["alias-free-scaled", "alias-free-plain", "pointwise-scaled", "layernorm"])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_float32(layer, half):
+    """Mixed precision: a float16 map of values near 200 (x^4 = 1.6e9 overflows float16) still gives the
+    float32 result, in the input's dtype, under autocast too; without the promotion it is inf."""
+    x = 200 * _x((2, 4, 8, 6), dtype=torch.float32)
+    ref = layer(x).detach()
+    for out in (layer(x.to(half)), _autocast(layer, x.to(half))):
+        assert out.dtype == half and torch.isfinite(out).all()
+        assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    if half is torch.float16 and getattr(layer, "normalize", "none") != "none":
+        from afconvert.layers.poly import l4_scale
+        assert not torch.isfinite(l4_scale(x.to(half), (2, 3))).all()   # what the promotion avoids
+
+
+def _autocast(layer, x):
+    with torch.autocast("cpu", dtype=x.dtype):
+        return layer(x)
