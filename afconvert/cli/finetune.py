@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--task-loss-weight", type=float, default=0.0, help="cross-entropy on the folder labels")
     p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--grad-accum-steps", type=int, default=1, help="batches per optimizer update")
+    p.add_argument("--amp", action="store_true", help="mixed precision (FFT, polynomial and LayerNorm layers stay "
+                                                      "float32)")
+    p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (0: off)")
+    p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before distillation: each "
+                                                              "block fitted to its source block, in network order")
+    p.add_argument("--reconstruct-steps", type=int, default=100, help="Adam steps per block")
+    p.add_argument("--reconstruct-batches", type=int, default=4, help="batches of training crops to fit blocks on")
+    p.add_argument("--reconstruct-lr", type=float, default=1e-3)
     p.add_argument("--model-ema", action="store_true", help="keep timm's ModelEmaV3; final.pt is the EMA")
     p.add_argument("--model-ema-decay", type=float, default=0.999)
     p.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (frozen by default)")
@@ -106,6 +117,9 @@ def _main(argv: Sequence[str]) -> int:
         input_size=tuple(args.input_size) if args.input_size else None, opt=args.opt, lr=args.lr,
         weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
         kd_temperature=args.kd_temperature, task_loss_weight=args.task_loss_weight, clip_grad=args.clip_grad,
+        grad_accum_steps=args.grad_accum_steps, amp=args.amp, amp_dtype=args.amp_dtype, mixup=args.mixup,
+        cutmix=args.cutmix, reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps,
+        reconstruct_batches=args.reconstruct_batches, reconstruct_lr=args.reconstruct_lr,
         model_ema=args.model_ema, model_ema_decay=args.model_ema_decay, train_bn=args.train_bn,
         auto_augment=args.auto_augment or None, checkpoint_every=args.checkpoint_every, seed=args.seed,
         workers=args.workers, device=args.device, resume=args.resume, progress=not args.no_progress)

@@ -5,12 +5,18 @@ GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a 
   folders work), timm's training transform (random resized crop, flip, RandAugment) at the student's
   mean/std. Each sample's augmentation is seeded by (seed, epoch, index): a run is reproducible
   whatever the number of workers, and a resumed run sees exactly the images the killed one would have.
+* Optional block-wise reconstruction first (``--reconstruct``, ``afconvert.train.reconstruct``): each
+  block fitted to its source block's output on the training images, in network order.
 * Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
   ``--task-loss-weight``, cross-entropy on the folder labels. timm's ``create_optimizer_v2``,
-  ``create_scheduler_v2`` (stepped per update) and ``ModelEmaV3``. BatchNorm statistics stay frozen
-  (few images per batch) unless ``--train-bn``.
+  ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup`` (``--mixup`` / ``--cutmix``:
+  teacher and student see the same mixed images). BatchNorm statistics stay frozen (few images per
+  batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
+* Mixed precision (``--amp``, ``--amp-dtype``): torch autocast; the FFT, polynomial and LayerNorm
+  layers compute in float32 inside it (``promote_half``); float16 uses a ``GradScaler``.
 * Checkpoints: ``OUTPUT/last.pt`` every ``--checkpoint-every`` steps, written atomically, holding the
-  model, optimizer, scheduler, EMA, step and every rank's RNG; ``--resume`` continues from it and loses
+  model, optimizer, scheduler, EMA, grad scaler, step and every rank's RNG (the first one as soon as
+  the run starts, the next after reconstruction); ``--resume`` continues from it and loses
   at most the steps since. ``OUTPUT/teacher.pt`` (the teacher's weights, the same on every process and
   after a resume), ``OUTPUT/log.csv`` (one row per step), ``OUTPUT/curves.png`` (loss and agreement with
   the teacher), ``OUTPUT/final.pt`` (an afconvert checkpoint: ``afconvert.load``).
@@ -19,6 +25,7 @@ GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -65,6 +72,15 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     task_loss_weight: float = 0.0
     clip_grad: float | None = None
+    grad_accum_steps: int = 1           # batches per optimizer update
+    amp: bool = False                   # autocast (FFT / polynomial / LayerNorm layers stay float32)
+    amp_dtype: str = "float16"          # or bfloat16
+    mixup: float = 0.0                  # timm Mixup alpha (0: off)
+    cutmix: float = 0.0                 # timm CutMix alpha (0: off)
+    reconstruct: bool = False           # block-wise reconstruction before distillation
+    reconstruct_steps: int = 100        # Adam steps per block
+    reconstruct_batches: int = 4        # batches of training crops it fits on
+    reconstruct_lr: float = 1e-3
     model_ema: bool = False
     model_ema_decay: float = 0.999
     train_bn: bool = False
@@ -213,6 +229,29 @@ def _plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _amp(cfg: FinetuneConfig, device: torch.device):
+    """(autocast context factory, GradScaler) as ``--amp`` / ``--amp-dtype`` say."""
+    if not cfg.amp:
+        return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if cfg.amp_dtype not in dtypes:
+        raise FinetuneError(f"--amp-dtype {cfg.amp_dtype}: unknown; fix: float16 or bfloat16")
+    dtype = dtypes[cfg.amp_dtype]
+    return (lambda: torch.autocast(device.type, dtype=dtype)), \
+        torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+
+def _reconstruction_batches(images: "_SeededImages", cfg: FinetuneConfig, device) -> list[torch.Tensor]:
+    """``cfg.reconstruct_batches`` batches of training crops, drawn with their own seed (epoch -1)."""
+    images.epoch = -1
+    n = cfg.reconstruct_batches * cfg.batch_size
+    items = [images[i % len(images)] for i in range(n)]
+    x = torch.stack([it[0] for it in items if it is not None])
+    if len(x) == 0:
+        raise FinetuneError("no readable image for --reconstruct; fix: point --data at readable images")
+    return [b.to(device) for b in torch.split(x, cfg.batch_size)]
+
+
 def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=print) -> dict:
     """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says; returns a
     summary {"steps", "final", "verdict", ...}. Rank 0 writes every output."""
@@ -220,7 +259,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     out = Path(cfg.output)
     resume_from = _check_output(out, cfg.resume)
     samples, folders = training_samples(cfg.data)
-    from timm.data import create_transform
+    from timm.data import Mixup, create_transform
     dcfg = data_config(student)
     size = tuple(cfg.input_size or dcfg["input_size"][1:])
     transform = create_transform(input_size=(3, *size), is_training=True, auto_augment=cfg.auto_augment,
@@ -228,10 +267,14 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     images = _SeededImages(ImageDataset(samples, transform), cfg.seed)
     sampler = torch.utils.data.DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=True)
-    per_epoch = len(sampler) // cfg.batch_size
+    accum = max(1, int(cfg.grad_accum_steps))
+    per_epoch = len(sampler) // (cfg.batch_size * accum)          # optimizer updates per epoch
     if per_epoch == 0:
-        raise FinetuneError(f"{len(samples)} images for batches of {cfg.batch_size} on {world} process(es); fix: "
-                            f"a smaller --batch-size or more images")
+        raise FinetuneError(f"{len(samples)} images for batches of {cfg.batch_size} x {accum} accumulation step(s) "
+                            f"on {world} process(es); fix: a smaller --batch-size or --grad-accum-steps, or more "
+                            f"images")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
+        raise FinetuneError(f"--mixup / --cutmix need an even --batch-size, got {cfg.batch_size}; fix: an even one")
     total = cfg.steps or cfg.epochs * per_epoch
 
     student.to(device)
@@ -244,6 +287,9 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
                             f"(--teacher, --num-classes)")
     if cfg.task_loss_weight and folders and len(folders) > k_s:
         raise FinetuneError(f"{len(folders)} class folders for {k_s} classes; fix: --task-loss-weight 0")
+    autocast, scaler = _amp(cfg, device)
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=k_s) \
+        if cfg.mixup or cfg.cutmix else None
 
     state = _read_state(resume_from) if resume_from is not None else None
     if state is not None and state["world_size"] != world:
@@ -259,14 +305,17 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
                                        warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
     ema = ModelEmaV3(student, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    step, rows = 0, []
+    step, rows, reconstructed = 0, [], False
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        reconstructed = bool(state.get("reconstructed"))
         _set_rng_state(state["rng"][rank])
         if (out / "log.csv").is_file():
             with open(out / "log.csv", newline="") as fh:
@@ -276,7 +325,6 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
         out.mkdir(parents=True, exist_ok=True)
         if rows:
             _write_csv(out / "log.csv", rows)
-    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
     def save_checkpoint() -> None:
         rng = [None] * world
@@ -288,53 +336,88 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
             state = {"format": TRAIN_FORMAT, "step": step, "world_size": world, "config": asdict(cfg),
                      "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "rng": rng}
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "reconstructed": reconstructed, "rng": rng}
             atomic_write(out / "last.pt", lambda fh: torch.save(state, fh))
+
+    if state is None:
+        save_checkpoint()       # a run killed from here on resumes with --resume
+    if cfg.reconstruct and not reconstructed and step == 0:
+        if rank == 0:
+            from afconvert.train.reconstruct import reconstruct
+            batches = _reconstruction_batches(images, cfg, device)
+            reconstruct(student, teacher, batches, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, log=log)
+        if world > 1:           # every process starts distillation from rank 0's reconstructed weights
+            for t in student.state_dict().values():
+                dist.broadcast(t, src=0)
+        if ema is not None:
+            ema = ModelEmaV3(student, decay=cfg.model_ema_decay)
+        reconstructed = True
+        save_checkpoint()
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, leave=False,
                disable=rank != 0 or not cfg.progress)
     skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0"))
+    per_batch = cfg.batch_size
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         images.epoch = epoch
-        order = list(sampler)[offset * cfg.batch_size: per_epoch * cfg.batch_size]
-        loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order,
+        order = list(sampler)[offset * accum * per_batch: per_epoch * accum * per_batch]
+        loader = torch.utils.data.DataLoader(images, batch_size=per_batch, sampler=order,
                                              collate_fn=ImageDataset.collate, num_workers=cfg.workers)
-        for x, y, skipped in loader:
-            skipped_total += skipped
-            if step >= total:
+        batches = iter(loader)
+        while step < total:
+            group = [b for _, b in zip(range(accum), batches)]
+            if len(group) < accum:
                 break
             t0 = time.perf_counter()
             model.train()
             if not cfg.train_bn:
                 _freeze_bn(student)
-            if x is None:
-                x = torch.zeros(0, 3, *size)
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                t = teacher(x)
-            s = model(x)
-            loss, _ = kd_loss(s, t, cfg.kd_temperature)
-            if loss is None:
-                loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
-            if cfg.task_loss_weight and (y >= 0).any():
-                ok = (y >= 0) & torch.isfinite(s).all(1)
-                if ok.any():
-                    loss = loss + cfg.task_loss_weight * F.cross_entropy(s[ok], y[ok])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses, agrees, seen = [], [], 0
+            for i, (x, y, skipped) in enumerate(group):
+                skipped_total += skipped
+                if x is None:
+                    x, y = torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long)
+                x, y = x.to(device), y.to(device)
+                soft = None
+                if mixup is not None and len(x) % 2 == 0 and len(x):
+                    x, soft = mixup(x, y.clamp_min(0))
+                sync = world == 1 or i == accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with autocast():
+                        with torch.no_grad():
+                            t = teacher(x)
+                        s = model(x)
+                    s, t = s.float(), t.float()
+                    loss, _ = kd_loss(s, t, cfg.kd_temperature)
+                    if loss is None:
+                        loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
+                    if cfg.task_loss_weight and len(y) and (y >= 0).all():
+                        ok = torch.isfinite(s).all(1)
+                        if ok.any():
+                            target = soft if soft is not None else F.one_hot(y, k_s).float()
+                            task = -(target[ok] * F.log_softmax(s[ok], 1)).sum(1).mean()
+                            loss = loss + cfg.task_loss_weight * task
+                    scaler.scale(loss / accum).backward()
+                losses.append(float(loss.detach()))
+                agrees.append(agreement(s.detach(), t).float().mean().item() if len(x) else 0.0)
+                seen += len(x)
             if cfg.clip_grad:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             scheduler.step_update(num_updates=step)
             if ema is not None:
                 ema.update(student, step=step)
-            agree = agreement(s.detach(), t).float().mean().item() if len(x) else 0.0
-            mean_loss, mean_agree = _all_mean([float(loss.detach()), agree], world, device)
-            rate = len(x) * world / max(time.perf_counter() - t0, 1e-9)
+            mean_loss, mean_agree = _all_mean([sum(losses) / accum, sum(agrees) / accum], world, device)
+            rate = seen * world / max(time.perf_counter() - t0, 1e-9)
             rows.append({"step": step, "epoch": epoch, "loss": f"{mean_loss:.6g}", "agreement": f"{mean_agree:.4f}",
                          "lr": f"{optimizer.param_groups[0]['lr']:.6g}", "images_per_s": f"{rate:.1f}"})
             bar.set_postfix(loss=f"{mean_loss:.3g}", agree=f"{mean_agree:.2f}", img_s=f"{rate:.0f}")

@@ -146,3 +146,60 @@ def _teacher_weights(tmp_path: Path) -> Path:
     path = tmp_path / "teacher5.pth"
     torch.save(timm.create_model("test_convnext", num_classes=5).state_dict(), path)
     return path
+
+
+def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
+    """Two accumulated batches of 2 make the same update as one batch of 4 (the same 4 images, augmented
+    alike: each sample's augmentation is seeded by its index)."""
+    student, teacher = _pair()
+    runs = {}
+    for name, bs, accum in (("big", 4, 1), ("accum", 2, 2)):
+        s = __import__("copy").deepcopy(student)
+        cfg = FinetuneConfig(data=str(data), output=str(tmp_path / name), steps=1, batch_size=bs, grad_accum_steps=accum,
+                             input_size=(32, 32), progress=False, auto_augment=None, opt="sgd", lr=0.5)
+        finetune(s, teacher, cfg, log=lambda m: None)
+        runs[name] = s.state_dict()
+    moved = [k for k in runs["big"] if not torch.equal(runs["big"][k], student.state_dict()[k])]
+    assert moved
+    for k in runs["big"]:            # float32 rounding only: far below the update itself
+        step = (runs["big"][k] - student.state_dict()[k]).abs().max()
+        assert (runs["big"][k] - runs["accum"][k]).abs().max() <= 1e-4 * step + 1e-7, k
+
+
+@pytest.mark.parametrize("extra", [
+    dict(amp=True, amp_dtype="bfloat16", mixup=0.8, cutmix=1.0, task_loss_weight=0.5),
+    dict(reconstruct=True, reconstruct_steps=3, reconstruct_batches=1, model_ema=True),
+], ids=["amp-mixup-task", "reconstruct-ema"])
+def test_options_train_and_keep_the_certificate(extra, data, tmp_path, one_thread):
+    student, teacher = _pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    logged = []
+    cfg = FinetuneConfig(data=str(data), output=str(tmp_path / "run"), steps=2, batch_size=4, input_size=(32, 32),
+                         progress=False, auto_augment=None, lr=1e-3, **extra)
+    summary = finetune(student, teacher, cfg, log=logged.append)
+    assert summary["steps"] == 2 and summary["stable"] and summary["verdict"].startswith("certified")
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(float(r.split(",")[2]) == float(r.split(",")[2]) for r in rows)   # finite loss
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["reconstructed"] == bool(extra.get("reconstruct"))
+    if extra.get("reconstruct"):
+        from afconvert.train.reconstruct import reconstruction_units
+        assert sum(m.startswith("reconstruct ") for m in logged) == len(reconstruction_units(student)) > 10
+
+
+def test_a_run_killed_before_its_first_step_resumes(data, tmp_path, monkeypatch):
+    """The first checkpoint is written as the run starts: a kill at any moment leaves something to --resume."""
+    student, teacher = _pair()
+    monkeypatch.setenv(KILL_ENV, "1")
+    cfg = FinetuneConfig(data=str(data), output=str(tmp_path / "run"), steps=3, batch_size=4, input_size=(32, 32),
+                         progress=False, auto_augment=None, checkpoint_every=100)
+    import afconvert.train.finetune as ft
+    monkeypatch.setattr(ft.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with pytest.raises(SystemExit):
+        finetune(student, teacher, cfg, log=lambda m: None)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 0
+    monkeypatch.delenv(KILL_ENV)
+    student, teacher = _pair()
+    cfg.resume = True
+    assert finetune(student, teacher, cfg, log=lambda m: None)["steps"] == 3
