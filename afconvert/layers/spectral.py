@@ -19,6 +19,7 @@ the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 an
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -32,6 +33,7 @@ __all__ = [
     "fractional_shift",
     "zero_nyquist",
     "promote_half",
+    "resample_matrix",
 ]
 
 Dims = Sequence[int]
@@ -109,13 +111,34 @@ def _crop_or_pad_half(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> to
     return torch.cat([keep, zeros], dim)
 
 
-def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)) -> torch.Tensor:
+@functools.lru_cache(maxsize=512)
+def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """The (n_out, n_in) real matrix of 1-D ideal resampling: column j is unit impulse j resampled.
+
+    The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
+    float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
+    eye = torch.eye(n_in, dtype=torch.float64)
+    spec = _crop_or_pad_half(torch.fft.rfft(eye, dim=0), 0, n_in, n_out)
+    mat = torch.fft.irfft(spec, n=n_out, dim=0) * (n_out / n_in)
+    return mat.to(dtype=dtype, device=device)
+
+
+MATMUL_MAX_SIZE = 512   # maps up to this size (in and out, each dim) resample by dense matmul, larger ones by FFT
+                        # (2 CPU threads: matmul 1.6-13x faster than the FFT path from 7 to 512 px)
+
+
+def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str = "auto") -> torch.Tensor:
     """Ideal band-limited resampling of a periodic signal to ``size`` (per dim).
 
     y = irfft2(R(rfft2(x))) * (n0 n1) / (N0 N1), where R crops (keeping |k| < n/2, zeroing the
     edge) or zero-pads (splitting the Nyquist bin) the spectrum. Shrinking is an ideal low-pass
     followed by sub-sampling on a grid of spacing N/n (any N, not only multiples of n); growing
     is ideal interpolation. Shapes: x (..., N0, ..., N1, ...) -> (..., n0, ..., n1, ...).
+
+    ``method``: ``"fft"``; ``"matmul"``, the same linear map as two real matrix products
+    A_0 X A_1^T (``resample_matrix``: no complex numbers, fast on small maps, exportable); ``"auto"``
+    takes matmul when every size is at most ``MATMUL_MAX_SIZE``.
     """
     d0, d1 = _norm_dims(x, dims)
     n_in = (x.shape[d0], x.shape[d1])
@@ -124,8 +147,15 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)) 
         raise ValueError(f"resample size must be positive, got {n_out}")
     if n_in == n_out:
         return x
-    dtype = x.dtype
-    spec = torch.fft.rfftn(x.to(_real_dtype(x)), dim=(d0, d1))
+    if method not in ("auto", "fft", "matmul"):
+        raise ValueError(f"method must be auto, fft or matmul, got '{method}'")
+    dtype, rdt = x.dtype, _real_dtype(x)
+    if method == "matmul" or (method == "auto" and max(n_in + n_out) <= MATMUL_MAX_SIZE):
+        a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)
+        a1 = resample_matrix(n_in[1], n_out[1], rdt, x.device)
+        y = x.to(rdt).movedim((d0, d1), (-2, -1))
+        return torch.matmul(torch.matmul(a0, y), a1.T).movedim((-2, -1), (d0, d1)).to(dtype)
+    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
     y = torch.fft.irfftn(spec, s=n_out, dim=(d0, d1))
