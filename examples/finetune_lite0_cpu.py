@@ -1,10 +1,12 @@
 """Recover accuracy on a CPU: EfficientNet-Lite0 with its real ImageNet weights, converted, then distilled
 from the original on a dozen skimage photos (augmented crops); about 20 minutes on 2 CPU cores.
 
-    python examples/finetune_lite0_cpu.py --out runs/lite0 [--minutes 14] [--input-size 160]
+    python examples/finetune_lite0_cpu.py --out runs/lite0 [--minutes 10] [--input-size 160]
 
 Stages: (0) converted with the afc recipe; (1) activations fitted on the training photos (per-channel
-least squares, ``--calibration``); (2) distilled (``afconvert.train.finetune``). After each, the top-1
+least squares, ``--calibration``); (2) block-wise reconstruction (``afconvert.train.reconstruct``, what
+``afconvert finetune --reconstruct`` runs first): each block fitted to the original block's output on
+augmented crops, in network order; (3) distilled (``afconvert.train.finetune``). After each, the top-1
 agreement with the original model is measured on fresh augmented views of the training photos and on
 photos it never trained on (four views each: full, mirrored, central 80 % crop, mirrored crop). Writes
 DIR/final.pt (``afconvert.load``), DIR/curves.png, DIR/log.csv and DIR/heldout/ (an ImageFolder labelled
@@ -24,6 +26,7 @@ from PIL import Image, ImageOps
 import afconvert
 from afconvert.data import data_config
 from afconvert.train.finetune import FinetuneConfig, finetune
+from afconvert.train.reconstruct import reconstruct
 
 TRAIN = ["chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "brick", "immunohistochemistry",
          "hubble_deep_field", "colorwheel", "grass", "gravel", "moon"]
@@ -52,10 +55,12 @@ def agreement(student, teacher, batch: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=14.0, help="time for the distillation stage")
+    p.add_argument("--minutes", type=float, default=5.0, help="time for the distillation stage")
+    p.add_argument("--reconstruct-steps", type=int, default=40, help="Adam steps per block (0: no reconstruction)")
+    p.add_argument("--reconstruct-batches", type=int, default=4, help="batches of augmented crops to fit blocks on")
     p.add_argument("--input-size", type=int, default=160, help="training crop size (evaluation at 224)")
     p.add_argument("--batch-size", type=int, default=12, help="at most the 13 training photos (one step = one epoch)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (after reconstruction: small)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -88,6 +93,16 @@ def main() -> None:
     measure("original (itself)", teacher)
     measure("converted (afc)", plain.converted)
     measure("+ fitted on the photos", student)
+    if args.reconstruct_steps:
+        crops = create_transform(input_size=(3, args.input_size, args.input_size), is_training=True,
+                                 auto_augment="rand-m9-mstd0.5", mean=cfg["mean"], std=cfg["std"],
+                                 interpolation=cfg["interpolation"])
+        torch.manual_seed(args.seed)
+        photos = [photo(n) for n in TRAIN]
+        batches = [torch.stack([crops(photos[(b * args.batch_size + i) % len(photos)]) for i in range(args.batch_size)])
+                   for b in range(args.reconstruct_batches)]
+        reconstruct(student, teacher, batches, steps=args.reconstruct_steps)
+        measure("+ reconstructed block-wise", student)
     run = FinetuneConfig(data=str(train_dir), output=str(out / "run"), steps=1, batch_size=args.batch_size,
                          input_size=(args.input_size, args.input_size), lr=args.lr, checkpoint_every=10 ** 9,
                          seed=args.seed, progress=False)

@@ -4,6 +4,7 @@
     afconvert audit MODEL_OR_CHECKPOINT [--format json]
     afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
     afconvert finetune STUDENT --data DIR --output DIR [--steps N] [--resume] ...   (also under torchrun)
+    afconvert bench MODEL [--recipe afc] [--batch-size 8] [--input-size H W] [--device cpu] [--train] [--json]
     afconvert recipes
 
 Each command is a module with ``run(argv)``, imported only when it runs; torch is imported only
@@ -16,7 +17,7 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune"}
+COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "bench": "bench"}
 
 
 def main(argv: list[str] | None = None) -> int:
