@@ -1,7 +1,7 @@
 """Recover accuracy on a CPU: EfficientNet-Lite0 with its real ImageNet weights, converted, then distilled
-from the original on a dozen skimage photos (augmented crops); about 20 minutes on 2 CPU cores.
+from the original on a dozen skimage photos (augmented crops); about 15 minutes on 2 CPU cores.
 
-    python examples/finetune_lite0_cpu.py --out runs/lite0 [--minutes 10] [--input-size 160]
+    python examples/finetune_lite0_cpu.py --out runs/lite0 [--minutes 5] [--reconstruct-steps 40] [--lr 1e-4]
 
 Stages: (0) converted with the afc recipe; (1) activations fitted on the training photos (per-channel
 least squares, ``--calibration``); (2) block-wise reconstruction (``afconvert.train.reconstruct``, what
@@ -9,7 +9,8 @@ least squares, ``--calibration``); (2) block-wise reconstruction (``afconvert.tr
 augmented crops, in network order; (3) distilled (``afconvert.train.finetune``). After each, the top-1
 agreement with the original model is measured on fresh augmented views of the training photos and on
 photos it never trained on (four views each: full, mirrored, central 80 % crop, mirrored crop). Writes
-DIR/final.pt (``afconvert.load``), DIR/curves.png, DIR/log.csv and DIR/heldout/ (an ImageFolder labelled
+DIR/converted.pt, DIR/fitted.pt, DIR/reconstructed.pt and DIR/final.pt (each stage, ``afconvert.load``),
+DIR/run/curves.png, DIR/run/log.csv and DIR/heldout/ (an ImageFolder labelled
 by the original's predictions, for ``afconvert eval``).
 """
 import argparse
@@ -92,7 +93,9 @@ def main() -> None:
 
     measure("original (itself)", teacher)
     measure("converted (afc)", plain.converted)
+    afconvert.save(plain.converted, out / "converted.pt")
     measure("+ fitted on the photos", student)
+    afconvert.save(student, out / "fitted.pt")
     if args.reconstruct_steps:
         crops = create_transform(input_size=(3, args.input_size, args.input_size), is_training=True,
                                  auto_augment="rand-m9-mstd0.5", mean=cfg["mean"], std=cfg["std"],
@@ -103,6 +106,7 @@ def main() -> None:
                    for b in range(args.reconstruct_batches)]
         reconstruct(student, teacher, batches, steps=args.reconstruct_steps)
         measure("+ reconstructed block-wise", student)
+        afconvert.save(student, out / "reconstructed.pt")
     run = FinetuneConfig(data=str(train_dir), output=str(out / "run"), steps=1, batch_size=args.batch_size,
                          input_size=(args.input_size, args.input_size), lr=args.lr, checkpoint_every=10 ** 9,
                          seed=args.seed, progress=False)
@@ -126,8 +130,10 @@ def main() -> None:
     final = out / "final.pt"
     afconvert.save(student, final)
     print(f"certificate: {summary['verdict']}")
-    print(f"wrote {final}, {out / 'run' / 'curves.png'}; compare: afconvert eval efficientnet_lite0 {final} "
-          f"--data {held_dir}")
+    stages = " ".join(str(out / f) for f in ("converted.pt", "fitted.pt", "reconstructed.pt", "final.pt")
+                      if (out / f).is_file())
+    print(f"wrote {final}, {out / 'run' / 'curves.png'}; compare every stage with the original on the unseen "
+          f"photos: afconvert eval efficientnet_lite0 {stages} --data {held_dir}")
     print("stage                          fresh-train  unseen")
     for stage, a, b in rows:
         print(f"{stage:<30} {a:11.2f}  {b:6.2f}")

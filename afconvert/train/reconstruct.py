@@ -29,7 +29,7 @@ __all__ = ["reconstruction_units", "reconstruct"]
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # noqa: N818 (control flow, not an error)
     """Raised by a hook once the unit's input is captured: the rest of the forward is not needed."""
 
 
@@ -53,14 +53,18 @@ def reconstruction_units(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, name: str, batches: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
-    """The input (``what="input"``, stopping the forward there) or the output of unit ``name`` per batch."""
+def _capture(model: nn.Module, name: str, batches: Sequence[torch.Tensor], what: str) -> list:
+    """Per batch, the positional inputs of unit ``name`` (``what="input"``, a tuple; the forward stops
+    there) or its output."""
     unit, seen = model.get_submodule(name), []
 
     def hook(mod, args, out=None):
-        seen.append((args[0] if what == "input" else out).detach().clone())
         if what == "input":
+            seen.append(tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args))
             raise _Stop
+        if not torch.is_tensor(out):
+            raise _NotABlock(f"unit '{name}' returns {type(out).__name__}, not a tensor")
+        seen.append(out.detach().clone())
     handle = unit.register_forward_pre_hook(hook) if what == "input" else unit.register_forward_hook(hook)
     try:
         for x in batches:
@@ -71,8 +75,12 @@ def _capture(model: nn.Module, name: str, batches: Sequence[torch.Tensor], what:
     finally:
         handle.remove()
     if len(seen) != len(batches):
-        raise RuntimeError(f"unit '{name}' is called {len(seen)} times for {len(batches)} batches: not a block")
+        raise _NotABlock(f"unit '{name}' is called {len(seen)} times for {len(batches)} batches")
     return seen
+
+
+class _NotABlock(RuntimeError):
+    """A unit whose input or output cannot be matched one to one (called several times, not a tensor)."""
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor], steps: int = 100,
@@ -92,15 +100,19 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.
         for name in units:
             t0 = time.perf_counter()
             student.eval()
-            inputs = _capture(student, name, batches, "input")
-            targets = _capture(teacher, name, batches, "output")
+            try:
+                inputs = _capture(student, name, batches, "input")
+                targets = _capture(teacher, name, batches, "output")
+            except _NotABlock as exc:
+                log(f"reconstruct {name}: skipped ({exc})")
+                continue
             unit = student.get_submodule(name)
             params = [p for p in unit.parameters() if p.requires_grad]
             energy = [t.float().square().mean().clamp_min(1e-12) for t in targets]
 
             def error() -> float:
                 with torch.no_grad():
-                    return sum(float((unit(x) - t).float().square().mean() / e)
+                    return sum(float((unit(*x) - t).float().square().mean() / e)
                                for x, t, e in zip(inputs, targets, energy)) / len(inputs)
             before = error()
             saved = {k: v.clone() for k, v in unit.state_dict().items()}
@@ -108,7 +120,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
             for i in range(steps):
                 j = i % len(inputs)
-                loss = (unit(inputs[j]) - targets[j]).float().square().mean() / energy[j]
+                loss = (unit(*inputs[j]) - targets[j]).float().square().mean() / energy[j]
                 if not torch.isfinite(loss):
                     continue  # an overflowing batch: leave it out rather than poison the weights
                 opt.zero_grad(set_to_none=True)

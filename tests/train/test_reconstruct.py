@@ -54,3 +54,19 @@ def test_a_fit_that_would_hurt_keeps_the_weights(pair, one_thread):
     rows = reconstruct(student, teacher, batches, steps=3, lr=1e6, units=["blocks.0.0"], log=lambda m: None)
     assert rows[0]["kept"] and rows[0]["after"] == rows[0]["before"]
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_a_unit_called_twice_is_skipped_and_said():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 1))
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](self.blocks[0](x)))
+    torch.manual_seed(0)
+    teacher, student = Twice(), Twice()
+    logged = []
+    rows = reconstruct(student, teacher, [torch.randn(2, 2, 8, 8)], steps=20, lr=1e-2, log=logged.append)
+    assert [r["unit"] for r in rows] == ["blocks.1"] and rows[0]["after"] < rows[0]["before"]
+    assert any("blocks.0: skipped" in m and "called 2 times" in m for m in logged)
