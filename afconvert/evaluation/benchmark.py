@@ -50,10 +50,10 @@ def _peak_mb(run, device: torch.device) -> float:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
     total = peak = 0
-    for e in events:               # self allocations (+) and frees (-), in time order
-        total += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # an op's own allocations (+) and frees (-), and frees outside any op ("[memory]"), in time order
+        total += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         peak = max(peak, total)
     return peak / 2 ** 20
 

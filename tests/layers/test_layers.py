@@ -222,26 +222,37 @@ def test_normalize_is_validated():
         PolyActivation(3, degree=1, normalize="channel")
 
 
-@pytest.mark.parametrize("layer", [
-    AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"),
-    AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3]),
-    PolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"),
-    AliasFreeLayerNorm(4),
+@pytest.mark.parametrize("layer,scale", [
+    (AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"), 300),
+    (AliasFreePolyActivation(4, coef=[0.1, 0.5, 0.3]), 100),      # its output ~ 0.3 x^2: float16 holds x ~ 100
+    (PolyActivation(4, coef=[0.1, 0.5, 0.3], normalize="channel"), 300),
+    (AliasFreeLayerNorm(4), 300),
 ], ids=["alias-free-scaled", "alias-free-plain", "pointwise-scaled", "layernorm"])
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs_compute_in_float32(layer, half):
-    """Mixed precision: a float16 map of values near 100 (x^4 = 1e8 overflows float16) still gives the
-    float32 result, in the input's dtype, under autocast too; without the promotion it is inf."""
-    x = 100 * _x((2, 4, 8, 6), dtype=torch.float32)
+def test_half_precision_inputs_compute_in_float32(layer, scale, half):
+    """Mixed precision: a float16 map whose squares overflow float16 (values up to ~1000 for scale 300,
+    x^2 > 65504) still gives the float32 result, in the input's dtype, under autocast too."""
+    x = scale * _x((2, 4, 8, 6), dtype=torch.float32)
     ref = layer(x).detach()
     for out in (layer(x.to(half)), _autocast(layer, x.to(half))):
         assert out.dtype == half and torch.isfinite(out).all()
         assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
-    if half is torch.float16 and getattr(layer, "normalize", "none") != "none":
-        from afconvert.layers.poly import l4_scale
-        assert not torch.isfinite(l4_scale(x.to(half), (2, 3))).all()   # what the promotion avoids
+    if half is torch.float16 and scale == 300:
+        assert not torch.isfinite(x.to(half).square()).all()     # what the float32 promotion avoids
 
 
 def _autocast(layer, x):
     with torch.autocast("cpu", dtype=x.dtype):
         return layer(x)
+
+
+def test_l4_scale_does_not_overflow_float32():
+    """x^4 overflows float32 above ~1e9 (a source model that itself explodes, e.g. timm's mobileone_s0 at its
+    default initialisation, reaches 1e15): the scale is still the float64 value, and zero maps give eps."""
+    from afconvert.layers.poly import l4_scale
+    x = 3e9 * _x((2, 3, 8, 10), dtype=torch.float64)
+    ref = (x.pow(4).mean((2, 3), keepdim=True) + 1e-24).pow(0.25)
+    assert not torch.isfinite(x.float().pow(4).mean((2, 3))).all()
+    got = l4_scale(x.float(), (2, 3))
+    assert torch.isfinite(got).all() and torch.allclose(got.double(), ref, rtol=1e-5)
+    assert torch.allclose(l4_scale(torch.zeros(1, 2, 4, 4), (2, 3)), torch.full((1, 2, 1, 1), 1e-6))
