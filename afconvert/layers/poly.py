@@ -79,11 +79,13 @@ def l4_scale(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-6) -> torch.T
     a_2^2 s^2 mean(u^4) = a_2^2 s^2, bounded by the input's own scale; over the RMS it would be
     a_2^2 RMS^2 kurtosis(x), which grows on peaky maps layer after layer.
 
-    Computed as r (mean((x^2 / r^2)^2) + (eps / r)^4)^(1/4) with r^2 = mean x^2 (itself invariant):
-    the same number, but x^4 no longer overflows float32 for |x| above 1e9."""
-    x2 = x.square()
-    r2 = x2.mean(dim=tuple(dims), keepdim=True).clamp_min(eps ** 2)
-    return r2.sqrt() * ((x2 / r2).square().mean(dim=tuple(dims), keepdim=True) + eps ** 4 / r2.square()).sqrt().sqrt()
+    Computed as r (mean((x / r)^4) + (eps / r)^4)^(1/4) with r = max(RMS(x), eps) held constant: the
+    same number for any r (s is homogeneous of degree 1), hence the same gradient, but x^4 no longer
+    overflows float32 for |x| above 1e9."""
+    dims = tuple(dims)
+    with torch.no_grad():
+        r = x.square().mean(dim=dims, keepdim=True).sqrt().clamp_min(eps)
+    return r * ((x / r).square().square().mean(dim=dims, keepdim=True) + (eps / r) ** 4).sqrt().sqrt()
 
 
 def scale_dims(normalize: str, spatial_dims: Sequence[int], channel_dim: int) -> tuple[int, ...] | None:

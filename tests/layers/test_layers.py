@@ -256,3 +256,13 @@ def test_l4_scale_does_not_overflow_float32():
     got = l4_scale(x.float(), (2, 3))
     assert torch.isfinite(got).all() and torch.allclose(got.double(), ref, rtol=1e-5)
     assert torch.allclose(l4_scale(torch.zeros(1, 2, 4, 4), (2, 3)), torch.full((1, 2, 1, 1), 1e-6))
+
+
+def test_l4_scale_gradient_is_the_plain_formulas():
+    from afconvert.layers.poly import l4_scale
+    x = _x((2, 3, 6, 5)).requires_grad_(True)
+    w = _x((2, 3, 1, 1), seed=1)
+    (l4_scale(x, (2, 3)) * w).sum().backward()
+    got, x.grad = x.grad.clone(), None
+    ((x.pow(4).mean((2, 3), keepdim=True) + 1e-24).pow(0.25) * w).sum().backward()
+    assert torch.allclose(got, x.grad, atol=1e-14)
