@@ -124,8 +124,12 @@ def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
     return mat.to(dtype=dtype, device=device)
 
 
-MATMUL_MAX_SIZE = 512   # maps up to this size (in and out, each dim) resample by dense matmul, larger ones by FFT
-                        # (2 CPU threads: matmul 1.6-13x faster than the FFT path from 7 to 512 px)
+# Maps up to this size (in and out, each dim) resample by dense matmul in ``method="auto"``; 0: never.
+# Off by default: on 2 CPU threads matmul measured 1.6-13x faster than the FFT path from 7 to 512 px, but
+# its float32 rounding commutes less closely with shifts (mobilenetv3_large_100: logits move 6e-4 of their
+# spread under a fractional shift, 6x the model's own float32 rounding; the FFT path stays within 4x).
+# Set it (e.g. 512) where speed matters more than the last digits of invariance, as for fine-tuning.
+MATMUL_MAX_SIZE = 0
 
 
 def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str = "auto") -> torch.Tensor:
@@ -138,8 +142,9 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
 
     ``method``: ``"fft"``; ``"matmul"``, the same linear map as two real matrix products
     A_0 X A_1^T (``resample_matrix``: no complex numbers, fast on small maps, exportable); ``"auto"``
-    takes matmul when every size is at most ``MATMUL_MAX_SIZE`` and x is not float64: float64, the
-    dtype certificates are checked in, keeps the FFT, whose rounding commutes more closely with shifts.
+    takes matmul when every size is at most ``MATMUL_MAX_SIZE`` (0 by default: never) and x is not
+    float64: float64, the dtype certificates are checked in, keeps the FFT, whose rounding commutes
+    more closely with shifts.
     """
     d0, d1 = _norm_dims(x, dims)
     n_in = (x.shape[d0], x.shape[d1])
