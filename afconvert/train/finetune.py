@@ -360,13 +360,12 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, leave=False,
                disable=rank != 0 or not cfg.progress)
     skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0"))
-    per_batch = cfg.batch_size
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         images.epoch = epoch
-        order = list(sampler)[offset * accum * per_batch: per_epoch * accum * per_batch]
-        loader = torch.utils.data.DataLoader(images, batch_size=per_batch, sampler=order,
+        order = list(sampler)[offset * accum * cfg.batch_size: per_epoch * accum * cfg.batch_size]
+        loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order,
                                              collate_fn=ImageDataset.collate, num_workers=cfg.workers)
         batches = iter(loader)
         while step < total:
