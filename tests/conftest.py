@@ -5,7 +5,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one intra-op thread per pytest-xdist worker (two workers share two cores), else at most two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
