@@ -151,10 +151,10 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     n_out = tuple(int(s) for s in size)
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
-    if n_in == n_out:
-        return x
     if method not in ("auto", "fft", "matmul"):
         raise ValueError(f"method must be auto, fft or matmul, got '{method}'")
+    if n_in == n_out:
+        return x
     dtype, rdt = x.dtype, _real_dtype(x)
     if method == "matmul" or (method == "auto" and rdt is not torch.float64 and max(n_in + n_out) <= MATMUL_MAX_SIZE):
         a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)

@@ -135,6 +135,9 @@ def test_errors_are_clear():
         ideal_upsample(torch.ones(1, 1, 4, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="positive"):
         ideal_resample(_x(4, 4), (0, 4))
+    for size in ((8, 8), (4, 4)):        # refused even where there is nothing to resample
+        with pytest.raises(ValueError, match="auto, fft or matmul"):
+            ideal_resample(_x(4, 4), size, method="fast")
 
 
 @FAST
