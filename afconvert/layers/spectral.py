@@ -19,9 +19,10 @@ the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 an
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -34,6 +35,8 @@ __all__ = [
     "zero_nyquist",
     "promote_half",
     "resample_matrix",
+    "lowpass_matrix",
+    "resample_method",
 ]
 
 Dims = Sequence[int]
@@ -111,6 +114,12 @@ def _crop_or_pad_half(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> to
     return torch.cat([keep, zeros], dim)
 
 
+def _from_impulses(op_1d, n_in: int, dtype, device) -> torch.Tensor:
+    """The real matrix of a 1-D linear map, from its float64 FFT form applied to the n_in unit impulses."""
+    mat = op_1d(torch.eye(n_in, dtype=torch.float64))
+    return mat.to(dtype=dtype, device=device)
+
+
 @functools.lru_cache(maxsize=512)
 def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
                     device: torch.device | None = None) -> torch.Tensor:
@@ -118,21 +127,68 @@ def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
 
     The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
     float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
-    eye = torch.eye(n_in, dtype=torch.float64)
-    spec = _crop_or_pad_half(torch.fft.rfft(eye, dim=0), 0, n_in, n_out)
-    mat = torch.fft.irfft(spec, n=n_out, dim=0) * (n_out / n_in)
-    return mat.to(dtype=dtype, device=device)
+    def op(eye):
+        spec = _crop_or_pad_half(torch.fft.rfft(eye, dim=0), 0, n_in, n_out)
+        return torch.fft.irfft(spec, n=n_out, dim=0) * (n_out / n_in)
+    return _from_impulses(op, n_in, dtype, device)
 
 
-# Maps up to this size (in and out, each dim) resample by dense matmul in ``method="auto"``; 0: never.
-# Off by default: on 2 CPU threads matmul measured 1.6-13x faster than the FFT path from 7 to 512 px, but
-# its float32 rounding commutes less closely with shifts (mobilenetv3_large_100: logits move 6e-4 of their
-# spread under a fractional shift, 6x the model's own float32 rounding; the FFT path stays within 4x).
-# Set it (e.g. 512) where speed matters more than the last digits of invariance, as for fine-tuning.
-MATMUL_MAX_SIZE = 0
+@functools.lru_cache(maxsize=512)
+def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """The (n, n) real matrix of the 1-D ideal low-pass of ``ideal_lowpass`` (bins |k| < cutoff n / 2)."""
+    def op(eye):
+        mask = (_bins(n, True, None, torch.float64).abs() < cutoff * n / 2).to(torch.float64)
+        return torch.fft.irfft(torch.fft.rfft(eye, dim=0) * mask[:, None], n=n, dim=0)
+    return _from_impulses(op, n, dtype, device)
 
 
-def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str = "auto") -> torch.Tensor:
+# How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".
+_METHOD = ["auto"]
+METHODS = ("auto", "fft", "matmul")
+# In "auto", float32 maps up to this size (in and out, each dim) on a CPU take the dense matmul form: on 2
+# threads it measured 3-9x faster than the FFT form from 7 to 224 px, and the converted zoo's float32 logits
+# commute with fractional shifts as closely as through FFTs (tests/converter/test_models.py). float64, the
+# dtype certificates are checked in, and CUDA (cuFFT) keep the FFT form.
+MATMUL_MAX_SIZE = 512
+
+
+@contextlib.contextmanager
+def resample_method(method: str) -> Iterator[None]:
+    """Within the block, resampling and low-pass filters with no explicit ``method`` use ``method``.
+
+    ``"matmul"`` makes a converted model free of complex numbers (what ONNX export needs);
+    ``"fft"`` the reference form; ``"auto"`` picks per call (see ``MATMUL_MAX_SIZE``)."""
+    _check_method(method)
+    old, _METHOD[0] = _METHOD[0], method
+    try:
+        yield
+    finally:
+        _METHOD[0] = old
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+
+
+def _use_matmul(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
+    method = _METHOD[0] if method is None else method
+    _check_method(method)
+    if method != "auto":
+        return method == "matmul"
+    return _real_dtype(x) is torch.float32 and x.device.type == "cpu" and max(sizes) <= MATMUL_MAX_SIZE
+
+
+def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
+    """A_0 X A_1^T over dims (d0, d1), in the matrices' dtype and outside autocast (no bf16 / fp16 products)."""
+    with torch.autocast(x.device.type, enabled=False):
+        y = x.to(a0.dtype).movedim((d0, d1), (-2, -1))
+        return torch.matmul(torch.matmul(a0, y), a1.T).movedim((-2, -1), (d0, d1))
+
+
+def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
+                   ) -> torch.Tensor:
     """Ideal band-limited resampling of a periodic signal to ``size`` (per dim).
 
     y = irfft2(R(rfft2(x))) * (n0 n1) / (N0 N1), where R crops (keeping |k| < n/2, zeroing the
@@ -142,25 +198,21 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
 
     ``method``: ``"fft"``; ``"matmul"``, the same linear map as two real matrix products
     A_0 X A_1^T (``resample_matrix``: no complex numbers, fast on small maps, exportable); ``"auto"``
-    takes matmul when every size is at most ``MATMUL_MAX_SIZE`` (0 by default: never) and x is not
-    float64: float64, the dtype certificates are checked in, keeps the FFT, whose rounding commutes
-    more closely with shifts.
+    (see ``MATMUL_MAX_SIZE``); None: the one set by ``resample_method`` ("auto" unless set).
     """
     d0, d1 = _norm_dims(x, dims)
     n_in = (x.shape[d0], x.shape[d1])
     n_out = tuple(int(s) for s in size)
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
-    if method not in ("auto", "fft", "matmul"):
-        raise ValueError(f"method must be auto, fft or matmul, got '{method}'")
+    matmul = _use_matmul(x, method, n_in + n_out)
     if n_in == n_out:
         return x
     dtype, rdt = x.dtype, _real_dtype(x)
-    if method == "matmul" or (method == "auto" and rdt is not torch.float64 and max(n_in + n_out) <= MATMUL_MAX_SIZE):
+    if matmul:
         a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)
         a1 = resample_matrix(n_in[1], n_out[1], rdt, x.device)
-        y = x.to(rdt).movedim((d0, d1), (-2, -1))
-        return torch.matmul(torch.matmul(a0, y), a1.T).movedim((-2, -1), (d0, d1)).to(dtype)
+        return _separable_matmul(x, a0, a1, d0, d1).to(dtype)
     spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
@@ -213,21 +265,29 @@ def _bins(n: int, onesided: bool, device, dtype) -> torch.Tensor:
     return torch.round(k * n)
 
 
-def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1)) -> torch.Tensor:
+def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method: str | None = None) -> torch.Tensor:
     """Ideal low-pass at the same rate: keep bins |k| < cutoff * N / 2 in each dim.
 
     ``cutoff`` is a fraction of the Nyquist band (1 keeps everything but the Nyquist bin).
     The official code's ``LPF_RFFT(cutoff)`` keeps |k| <= floor(cutoff N / 2) and zeroes that
     bin when N % 4 == 0; both agree whenever cutoff * N / 2 is an integer or N % 4 != 0.
+    ``method`` as in ``ideal_resample`` (the matmul form: ``lowpass_matrix`` on each dim).
     """
+    d0, d1 = _norm_dims(x, dims)
+    if _use_matmul(x, method, (x.shape[d0], x.shape[d1])):
+        rdt = _real_dtype(x)
+        a0 = lowpass_matrix(x.shape[d0], float(cutoff), rdt, x.device)
+        a1 = lowpass_matrix(x.shape[d1], float(cutoff), rdt, x.device)
+        return _separable_matmul(x, a0, a1, d0, d1).to(x.dtype)
+
     def mask(axis, n, onesided, device, dtype):
         return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
     return _separable_filter(x, dims, mask)
 
 
-def zero_nyquist(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
+def zero_nyquist(x: torch.Tensor, dims: Dims = (-2, -1), method: str | None = None) -> torch.Tensor:
     """Remove the Nyquist bins (even sizes): the one part of a signal with no unique sub-pixel shift."""
-    return ideal_lowpass(x, 1.0, dims)
+    return ideal_lowpass(x, 1.0, dims, method)
 
 
 def fractional_shift(x: torch.Tensor, dy: float, dx: float, dims: Dims = (-2, -1)) -> torch.Tensor:

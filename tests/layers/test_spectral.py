@@ -13,6 +13,7 @@ from afconvert.layers.spectral import (
     ideal_lowpass,
     ideal_resample,
     ideal_upsample,
+    resample_method,
     zero_nyquist,
 )
 
@@ -136,7 +137,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="positive"):
         ideal_resample(_x(4, 4), (0, 4))
     for size in ((8, 8), (4, 4)):        # refused even where there is nothing to resample
-        with pytest.raises(ValueError, match="auto, fft or matmul"):
+        with pytest.raises(ValueError, match="auto, fft, matmul"):
             ideal_resample(_x(4, 4), size, method="fast")
 
 
@@ -163,6 +164,46 @@ def test_matmul_path_equals_fft_path(h, w, oh, ow, chans_last, dtype):
     assert float((outs[0] - outs[1]).abs().max()) <= tol * scale
     assert float((grads[0] - grads[1]).abs().max()) <= tol * max(1.0, float(grads[0].abs().max()))
     assert outs[1].dtype == dtype
+
+
+@FAST
+@given(h=sizes, w=sizes, cutoff=st.sampled_from([1.0, 0.75, 0.5, 1 / 3]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
+    """ideal_lowpass (and zero_nyquist) in the dense form (lowpass_matrix) is the FFT form's operator."""
+    x = _x(h, w, dtype=dtype)
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    fft, mm = (ideal_lowpass(x, cutoff, method=m) for m in ("fft", "matmul"))
+    assert mm.dtype == dtype and float((fft - mm).abs().max()) <= tol * float(x.abs().max())
+    assert torch.equal(zero_nyquist(x, method="matmul"), ideal_lowpass(x, 1.0, method="matmul"))
+
+
+def test_method_choice_auto_and_forced():
+    """auto: float32 maps on a CPU take the matmul form, float64 (certificates) the FFT form, bit for bit;
+    resample_method forces one form inside its block only; an unknown name is refused."""
+    x64 = _x(10, 14, seed=2)
+    x32 = x64.float()
+    assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="matmul"))
+    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
+    assert torch.equal(zero_nyquist(x32), zero_nyquist(x32, method="matmul"))
+    with resample_method("matmul"):
+        assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
+        assert torch.equal(ideal_lowpass(x64, 0.5), ideal_lowpass(x64, 0.5, method="matmul"))
+    with resample_method("fft"):
+        assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="fft"))
+    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
+    with pytest.raises(ValueError, match="auto, fft, matmul"):
+        with resample_method("fast"):
+            pass
+
+
+def test_matmul_path_ignores_autocast():
+    """Under bfloat16 autocast the resampling matrices still multiply in float32 (no bf16 products)."""
+    x = _x(12, 9, dtype=torch.float32)
+    ref = ideal_resample(x, (24, 18), method="fft")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ideal_resample(x, (24, 18), method="matmul")
+    assert y.dtype == torch.float32 and float((y - ref).abs().max()) < 1e-5 * float(x.abs().max())
 
 
 def test_matmul_path_is_alias_free_and_naive_resampling_is_not():
