@@ -26,6 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--train", action="store_true", help="a training step (forward + backward) instead of inference")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per model, at least")
+    p.add_argument("--resample", default="auto", choices=("auto", "fft", "matmul"),
+                   help="form of the ideal resampling and filters: auto (matmul for float32 on a CPU up to "
+                        "512 px, else FFT), fft or matmul (default auto)")
+    p.add_argument("--compile", action="store_true", help="time both models through torch.compile")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="both models under autocast (the converted model's FFT, polynomial and norm layers keep "
+                        "float32)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the converted model's top N operators by self time (torch.profiler)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -37,7 +46,8 @@ def _main(argv: Sequence[str]) -> int:
     import torch
 
     from afconvert.converter.engine import convert
-    from afconvert.evaluation.benchmark import compare
+    from afconvert.evaluation.benchmark import compare, profile_table
+    from afconvert.layers.spectral import resample_method
     from afconvert.sources.models import create_source_model
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here; fix: --device cpu")
@@ -45,19 +55,30 @@ def _main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     converted = convert(source, args.recipe, input_size=tuple(args.input_size), check_numerics=False)
     seconds = time.perf_counter() - t0
-    res = compare(source, converted, args.batch_size, tuple(args.input_size), args.device, args.train, args.min_time)
-    res.update(model=args.model, recipe=args.recipe, conversion_s=seconds)
+    with resample_method(args.resample):
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        res = compare(source, converted, args.batch_size, tuple(args.input_size), args.device, args.train,
+                      args.min_time, compile=args.compile, amp=amp)
+        table = profile_table(converted, args.batch_size, tuple(args.input_size), args.device, args.train,
+                              args.profile, amp=amp) if args.profile else None
+    res.update(model=args.model, recipe=args.recipe, conversion_s=seconds, resample=args.resample)
+    if table is not None:
+        res["profile"] = table
     if args.json:
         print(json.dumps(res))
         return 0
     h, w = args.input_size
+    how = f"resample {args.resample}" + (", torch.compile" if args.compile else "") + \
+        (f", autocast {args.amp}" if args.amp else "")
     print(f"{args.model} ({args.recipe}): {res['mode']}, batch {args.batch_size} at {h}x{w} on {res['device']}, "
-          f"{res['threads']} thread(s); conversion {seconds:.1f} s")
+          f"{res['threads']} thread(s), {how}; conversion {seconds:.1f} s")
     print(f"  {'':<10} {'ms/batch':>10} {'images/s':>10} {'peak MB':>10}")
     for label in ("original", "converted"):
         r = res[label]
         print(f"  {label:<10} {r['ms_per_batch']:10.1f} {r['images_per_s']:10.1f} {r['peak_mb']:10.0f}")
     print(f"  {'ratio':<10} {res['ratio']['time']:9.2f}x {'':>10} {res['ratio']['memory']:9.2f}x")
+    if table is not None:
+        print(f"converted model, top {args.profile} operators by self time:\n{table}")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["Measurement", "measure", "compare"]
+__all__ = ["Measurement", "measure", "compare", "profile_table"]
 
 
 @dataclass
@@ -25,17 +25,22 @@ class Measurement:
     peak_mb: float
 
 
-def _step(model: nn.Module, x: torch.Tensor, train: bool):
+def _step(model: nn.Module, x: torch.Tensor, train: bool, amp: torch.dtype | None = None):
+    """One inference (no_grad) or training step (cross-entropy, backward), under ``amp`` autocast if given."""
+    def autocast():
+        return torch.autocast(x.device.type, dtype=amp, enabled=amp is not None)
     if not train:
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x)
         return run
     target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
     def run():
         model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), target).backward()
+        with autocast():
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
     return run
 
 
@@ -59,28 +64,58 @@ def _peak_mb(run, device: torch.device) -> float:
 
 
 def measure(model: nn.Module, x: torch.Tensor, train: bool = False, min_run_time: float = 2.0,
-            label: str = "") -> Measurement:
+            label: str = "", amp: torch.dtype | None = None) -> Measurement:
     """One model's cost on batch ``x`` (already on its device)."""
     import torch.utils.benchmark as benchmark
     model.train(train)
-    run = _step(model, x, train)
+    run = _step(model, x, train, amp)
     run()                                               # warm-up (caches, lazy init)
     timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
     ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
     return Measurement(label, ms, x.shape[0] / ms * 1e3, _peak_mb(run, x.device))
 
 
-def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224),
-            device: str = "cpu", train: bool = False, min_run_time: float = 2.0, seed: int = 0) -> dict:
-    """Both models on the same input, one after the other: {"original", "converted", "ratio"} with the
-    ratios converted / original of time per batch and peak memory."""
-    dev = torch.device(device)
+def _input(batch_size: int, input_size: Sequence[int], device: torch.device, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, 3, *input_size, generator=g).to(dev)
-    rows = {label: measure(m.to(dev), x, train, min_run_time, label)
-            for label, m in (("original", source), ("converted", converted))}
+    return torch.randn(batch_size, 3, *input_size, generator=g).to(device)
+
+
+def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224),
+            device: str = "cpu", train: bool = False, min_run_time: float = 2.0, seed: int = 0,
+            compile: bool = False, amp: torch.dtype | None = None) -> dict:
+    """Both models on the same input, one after the other: {"original", "converted", "ratio"} with the
+    ratios converted / original of time per batch and peak memory. ``compile``: both through
+    ``torch.compile`` first (compilation happens in the warm-up, outside the timing); ``amp``: both
+    under autocast to that dtype (the converted model's FFT, polynomial and norm layers keep float32)."""
+    dev = torch.device(device)
+    x = _input(batch_size, input_size, dev, seed)
+    models = (("original", source.to(dev)), ("converted", converted.to(dev)))
+    if compile:
+        models = tuple((label, torch.compile(m)) for label, m in models)
+    rows = {label: measure(m, x, train, min_run_time, label, amp) for label, m in models}
     o, c = rows["original"], rows["converted"]
     return {"original": asdict(o), "converted": asdict(c),
             "ratio": {"time": c.ms_per_batch / o.ms_per_batch, "memory": c.peak_mb / max(o.peak_mb, 1e-9)},
             "mode": "train step" if train else "inference", "batch_size": batch_size,
-            "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads()}
+            "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
+            "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch.")}
+
+
+def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",
+                  train: bool = False, rows: int = 12, seed: int = 0, amp: torch.dtype | None = None) -> str:
+    """Where one step of ``model`` spends its time: ``torch.profiler``'s operators by self time (CPU, or
+    CUDA on a GPU), the top ``rows``, as its text table."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = torch.device(device)
+    x = _input(batch_size, input_size, dev, seed)
+    model = model.to(dev).train(train)
+    run = _step(model, x, train, amp)
+    run()
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize(dev)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)

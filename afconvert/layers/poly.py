@@ -69,6 +69,22 @@ class _InitialisedByConversion(nn.Module):
                                       error_msgs)
 
 
+def _l4_with_scratch(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, scratch): the L4 scale s = r (mean((x / r)^4) + (eps / r)^4)^(1/4) of ``l4_scale``, r = max(max |x|,
+    eps) a constant (no gradient): |x / r| <= 1, so nothing overflows float32 however large x is. ``scratch``:
+    when no gradient is recorded, a buffer of x's shape that the caller may overwrite, else None."""
+    n = math.prod(x.shape[d] for d in dims)
+    with torch.no_grad():
+        r = torch.maximum(x.amax(dims, keepdim=True), -x.amin(dims, keepdim=True)).clamp_min(eps)
+    if torch.is_grad_enabled():
+        m4 = torch.linalg.vector_norm((x / r).square(), 2, dims, keepdim=True).square() / n
+        scratch = None
+    else:   # in place: the fourth power, then a plain sum (fast over strided dims too, e.g. NHWC)
+        scratch = torch.div(x, r).square_().square_()
+        m4 = scratch.sum(dims, keepdim=True) / n
+    return r * (m4 + (eps / r) ** 4).sqrt().sqrt(), scratch
+
+
 def l4_scale(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
     """s = (mean over ``dims`` of x^4 + eps^4)^(1/4), with the ``dims`` kept (size 1).
 
@@ -79,13 +95,10 @@ def l4_scale(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-6) -> torch.T
     a_2^2 s^2 mean(u^4) = a_2^2 s^2, bounded by the input's own scale; over the RMS it would be
     a_2^2 RMS^2 kurtosis(x), which grows on peaky maps layer after layer.
 
-    Computed as r (mean((x / r)^4) + (eps / r)^4)^(1/4) with r = max(RMS(x), eps) held constant: the
+    Computed as r (mean((x / r)^4) + (eps / r)^4)^(1/4) with r = max(max |x|, eps) held constant: the
     same number for any r (s is homogeneous of degree 1), hence the same gradient, but x^4 no longer
     overflows float32 for |x| above 1e9."""
-    dims = tuple(dims)
-    with torch.no_grad():
-        r = x.square().mean(dim=dims, keepdim=True).sqrt().clamp_min(eps)
-    return r * ((x / r).square().square().mean(dim=dims, keepdim=True) + (eps / r) ** 4).sqrt().sqrt()
+    return _l4_with_scratch(x, tuple(dims), eps)[0]
 
 
 def scale_dims(normalize: str, spatial_dims: Sequence[int], channel_dim: int) -> tuple[int, ...] | None:
@@ -222,18 +235,25 @@ class PolyActivation(_InitialisedByConversion):
         return self.coef.to(dtype) * powers * self.out_scale.to(dtype)
 
     def polynomial(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising
-        (s over all of x's spatial dims: call it on the map the polynomial runs on)."""
+        """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising (s over all of
+        x's spatial dims: call it on the map the polynomial runs on). Horner's rule, one fused multiply-add
+        pass per degree (no power of x is formed: nothing overflows); when no gradient is recorded, in the
+        scale's scratch buffer, in place (a fresh large map costs more than a pass: page faults)."""
         a = self.effective_coef(x.dtype)
         dims = self.scale_dims
-        s = l4_scale(x, dims, self.eps) if dims is not None else None
-
-        def view(k):
-            c = _channel_view(a[:, k], x.ndim, self.channel_dim)
-            return c if s is None or k == 1 else c * s ** (1 - k)
-        res = torch.addcmul(view(self.degree - 1), view(self.degree), x)    # Horner, one fused pass per degree
-        for k in range(self.degree - 2, -1, -1):
-            res = torch.addcmul(view(k), res, x)
+        coef = [_channel_view(a[:, k], x.ndim, self.channel_dim) for k in range(self.degree + 1)]
+        scratch = None
+        if dims is not None:
+            s, scratch = _l4_with_scratch(x, dims, self.eps)
+            coef = [c if k == 1 else c * s ** (1 - k) for k, c in enumerate(coef)]
+        if torch.is_grad_enabled():
+            res = torch.addcmul(coef[-2], coef[-1], x)
+            for c in reversed(coef[:-2]):
+                res = torch.addcmul(c, res, x)
+            return res
+        res = torch.addcmul(coef[-2], coef[-1], x, out=scratch)
+        for c in reversed(coef[:-2]):
+            torch.addcmul(c, res, x, out=res)
         return res
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

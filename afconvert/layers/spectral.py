@@ -180,11 +180,33 @@ def _use_matmul(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bo
     return _real_dtype(x) is torch.float32 and x.device.type == "cpu" and max(sizes) <= MATMUL_MAX_SIZE
 
 
+def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int) -> torch.Tensor:
+    """A applied along dim d of x: (..., n_in, ...) -> (..., n_out, ...), as one (batched) matrix product
+    over a view of x: (P, n_in, Q) for the dims before and after d (no copy of a contiguous x)."""
+    shape = x.shape
+    p, q = math.prod(shape[:d]), math.prod(shape[d + 1:])
+    if q == 1:
+        y = torch.matmul(x.reshape(p, shape[d]), a.T)
+    else:
+        y = torch.matmul(a, x.reshape(p, shape[d], q))
+    return y.view(*shape[:d], a.shape[0], *shape[d + 1:])
+
+
 def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
-    """A_0 X A_1^T over dims (d0, d1), in the matrices' dtype and outside autocast (no bf16 / fp16 products)."""
+    """A_0 X A_1^T over dims (d0, d1), in the matrices' dtype and outside autocast (no bf16 / fp16 products).
+
+    Order: the dim that shrinks most goes first (less work for the second product); at equal ratios the
+    inner dim (the less efficient, small batched product) runs on the smaller map: first when growing,
+    last when shrinking."""
+    def key(step):
+        a, d = step
+        ratio = a.shape[0] / a.shape[1]
+        return ratio, -d if ratio > 1 else d
     with torch.autocast(x.device.type, enabled=False):
-        y = x.to(a0.dtype).movedim((d0, d1), (-2, -1))
-        return torch.matmul(torch.matmul(a0, y), a1.T).movedim((-2, -1), (d0, d1))
+        y = x.to(a0.dtype)
+        for a, d in sorted([(a0, d0), (a1, d1)], key=key):
+            y = _matmul_dim(y, a, d)
+        return y
 
 
 def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
