@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     p.add_argument("--resample", default="auto", choices=("auto", "fft", "matmul"))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--options", type=json.loads, default=None, metavar="JSON",
+                   help='recipe options, e.g. \'{"activation": {"fuse_linear": true}}\'')
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
     for name in args.models:
         source, _ = create_source_model(name, pretrained=False)
         t0 = time.perf_counter()
-        converted = convert(source, "afc", input_size=size, check_numerics=False)
+        converted = convert(source, "afc", input_size=size, check_numerics=False, options=args.options)
         seconds = time.perf_counter() - t0
         cells = [name, f"{seconds:.1f} s"]
         for train, batch in ((False, args.batch_size), (True, args.train_batch_size)):
@@ -79,7 +81,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
         rows.append(cells)
         print(" | ".join(cells), flush=True)
-    how = f"{args.input_size} px, recipe afc, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
+    how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
         (", torch.compile" if args.compile else "")
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "

@@ -53,7 +53,7 @@ class Options(rule.Options):
     out_scale: float = 1.0
     train_scale: bool = False
     normalize: str = field(default="channel", metadata={"choices": NORMALIZE})  # scale-equivariant: s q(x / s)
-    fuse_linear: bool = True                # fc1 -> act -> fc2: up-sample before fc1, down-sample after fc2
+    fuse_linear: bool = False               # fc1 -> act -> fc2: up-sample before fc1, down-sample after fc2
 
 
 ACTIVATIONS = (

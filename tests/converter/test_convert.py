@@ -27,7 +27,9 @@ def source():
 
 @pytest.fixture(scope="module")
 def converted(source):
-    return {recipe: afconvert.convert(source, recipe) for recipe in ("afc", "afc-paper")}
+    out = {recipe: afconvert.convert(source, recipe) for recipe in ("afc", "afc-paper")}
+    out["afc-fused"] = afconvert.convert(source, options={"activation": {"fuse_linear": True}})
+    return out
 
 
 def _with_stem_gamma(model):
@@ -86,7 +88,7 @@ def test_model_keeps_class_and_weights(source, converted):
 
 
 def test_report_says_what_was_replaced(converted):
-    report = converted["afc"].afconvert_report
+    report = converted["afc-fused"].afconvert_report
     assert report.verdict is Verdict.EXACT and not report.offenders
     replaced = {(f.op, f.replaced_by) for f in report.replaced}
     assert ("Conv2d", "AliasFreeConv2d") in replaced and ("GELU", "HighRatePolyActivation") in replaced
@@ -97,19 +99,19 @@ def test_report_says_what_was_replaced(converted):
     assert report.to_dict()["verdict"] == "exact"
 
 
-def test_fusing_the_mlp_linears_is_exact(source, converted):
+def test_fusing_the_mlp_linears_is_exact(converted):
     """Up-sampling before fc1 and down-sampling after fc2 computes what the activation alone would."""
-    unfused = afconvert.convert(source, options={"activation": {"fuse_linear": False}})
+    unfused = converted["afc"]
     kinds = {f.replaced_by for f in unfused.afconvert_report.replaced}
     assert "AliasFreePolyActivation" in kinds and "UpsampledLinear" not in kinds
     x = random_input(2, 3, (64, 96), torch.float64)
     with torch.no_grad():
-        a, b = copy.deepcopy(unfused).double()(x), copy.deepcopy(converted["afc"]).double()(x)
+        a, b = copy.deepcopy(unfused).double()(x), copy.deepcopy(converted["afc-fused"]).double()(x)
     assert float((a - b).abs().max() / a.abs().max()) < 1e-12
 
 
 def test_high_rate_polynomial_without_its_neighbours_is_not_certified(converted):
-    broken = copy.deepcopy(converted["afc"])
+    broken = copy.deepcopy(converted["afc-fused"])
     block = broken.stages[0].blocks[0].mlp
     for name in ("fc1", "fc2"):  # plain linears: the polynomial now runs at the input rate
         fc = getattr(block, name)
