@@ -36,6 +36,17 @@ def test_resampling_on_cuda_equals_cpu(method, dtype):
         assert float((out.cpu() - ref).abs().max()) <= tol * float(x.abs().max())
 
 
+def test_auto_takes_matmul_unless_tf32_is_allowed():
+    x = torch.randn(1, 2, 12, 10, device="cuda")
+    assert torch.equal(ideal_resample(x, (24, 20)), ideal_resample(x, (24, 20), method="matmul"))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert torch.equal(ideal_resample(x, (24, 20)), ideal_resample(x, (24, 20), method="fft"))
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @pytest.fixture(scope="module")
 def converted():
     source, _ = create_source_model("test_efficientnet", pretrained=False, num_classes=10)

@@ -146,10 +146,12 @@ def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
 # How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".
 _METHOD = ["auto"]
 METHODS = ("auto", "fft", "matmul")
-# In "auto", float32 maps up to this size (in and out, each dim) on a CPU take the dense matmul form: on 2
-# threads it measured 3-9x faster than the FFT form from 7 to 224 px, and the converted zoo's float32 logits
-# commute with fractional shifts as closely as through FFTs (tests/converter/test_models.py). float64, the
-# dtype certificates are checked in, and CUDA (cuFFT) keep the FFT form.
+# In "auto", float32 maps up to this size (in and out, each dim) take the dense matmul form: on 2 CPU threads
+# it measured 3-9x faster than the FFT form from 7 to 224 px, and converted models 1.2-2x faster on an H200
+# (bf16 autocast, batch 64); the converted zoo's float32 logits commute with fractional shifts as closely as
+# through FFTs (tests/converter/test_models.py). float64, the dtype certificates are checked in, keeps the
+# FFT form, and so does CUDA when float32 products may use TF32 (torch.set_float32_matmul_precision below
+# "highest": 10-bit mantissas).
 MATMUL_MAX_SIZE = 512
 
 
@@ -177,7 +179,9 @@ def _use_matmul(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bo
     _check_method(method)
     if method != "auto":
         return method == "matmul"
-    return _real_dtype(x) is torch.float32 and x.device.type == "cpu" and max(sizes) <= MATMUL_MAX_SIZE
+    if _real_dtype(x) is not torch.float32 or max(sizes) > MATMUL_MAX_SIZE:
+        return False
+    return x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
 
 
 def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int) -> torch.Tensor:

@@ -179,7 +179,7 @@ def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
 
 
 def test_method_choice_auto_and_forced():
-    """auto: float32 maps on a CPU take the matmul form, float64 (certificates) the FFT form, bit for bit;
+    """auto: float32 maps take the matmul form, float64 (certificates) the FFT form, bit for bit;
     resample_method forces one form inside its block only; an unknown name is refused."""
     x64 = _x(10, 14, seed=2)
     x32 = x64.float()
