@@ -63,6 +63,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
     t0 = time.perf_counter()
     kwargs = {} if opset is None else {"opset_version": opset}
     with resample_method("matmul"), torch.no_grad():
+        model(x)    # builds (and caches) every resampling matrix: the trace then holds them as constants
         program = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **kwargs)
     path = Path(path)

@@ -74,8 +74,8 @@ def _l4_with_scratch(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tupl
     eps) a constant (no gradient): |x / r| <= 1, so nothing overflows float32 however large x is. ``scratch``:
     when no gradient is recorded, a buffer of x's shape that the caller may overwrite, else None."""
     n = math.prod(x.shape[d] for d in dims)
-    with torch.no_grad():
-        r = torch.maximum(x.amax(dims, keepdim=True), -x.amin(dims, keepdim=True)).clamp_min(eps)
+    c = x.detach()        # r is a constant (detach, not no_grad: graph capture then keeps one graph)
+    r = torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)   # max |x|
     if torch.is_grad_enabled():
         m4 = torch.linalg.vector_norm((x / r).square(), 2, dims, keepdim=True).square() / n
         scratch = None

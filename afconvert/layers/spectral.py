@@ -206,11 +206,13 @@ def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: i
         a, d = step
         ratio = a.shape[0] / a.shape[1]
         return ratio, -d if ratio > 1 else d
-    with torch.autocast(x.device.type, enabled=False):
-        y = x.to(a0.dtype)
-        for a, d in sorted([(a0, d0), (a1, d1)], key=key):
-            y = _matmul_dim(y, a, d)
-        return y
+    if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
+        with torch.autocast(x.device.type, enabled=False):
+            return _separable_matmul(x, a0, a1, d0, d1)
+    y = x.to(a0.dtype)
+    for a, d in sorted([(a0, d0), (a1, d1)], key=key):
+        y = _matmul_dim(y, a, d)
+    return y
 
 
 def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
