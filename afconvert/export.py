@@ -49,25 +49,29 @@ def onnx_max_rel_error(model: nn.Module, path: str | Path, x: torch.Tensor) -> f
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], in_chans: int = 3,
-                opset: int | None = None, check: bool = True, seed: int = 0) -> OnnxExport:
-    """Write ``model`` (on the CPU, eval mode) as ONNX for (N, in_chans, H, W) inputs, N dynamic.
+                opset: int | None = None, check: bool = True, seed: int = 0, batch_size: int | None = None
+                ) -> OnnxExport:
+    """Write ``model`` (on the CPU, eval mode) as ONNX for (N, in_chans, H, W) inputs: N dynamic, or fixed to
+    ``batch_size`` (a static graph: twice as fast to export, for fixed-shape runtimes).
 
-    With ``check``, runs the file in onnxruntime on a random batch of 2 and reports the largest error
-    relative to the largest PyTorch logit (the model's default resampling form, as a user runs it)."""
+    With ``check``, runs the file in onnxruntime on a random batch and reports the largest error relative
+    to the largest PyTorch logit (the model's default resampling form, as a user runs it)."""
     _need("onnx")
     _need("onnxscript")
     h, w = (int(s) for s in input_size)
     model = model.cpu().eval()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, in_chans, h, w, generator=g)
+    n = batch_size or 2
+    x = torch.randn(n, in_chans, h, w, generator=g)
     t0 = time.perf_counter()
     kwargs = {} if opset is None else {"opset_version": opset}
     with resample_method("matmul"), torch.no_grad():
         model(x)    # builds (and caches) every resampling matrix: the trace then holds them as constants
         program = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **kwargs)
+                                    dynamic_shapes=None if batch_size else ({0: torch.export.Dim("batch")},),
+                                    verbose=False, **kwargs)
     path = Path(path)
     atomic_write(path, program.model_proto.SerializeToString())
     seconds = time.perf_counter() - t0
-    error = onnx_max_rel_error(model, path, torch.randn(2, in_chans, h, w, generator=g)) if check else None
+    error = onnx_max_rel_error(model, path, torch.randn(n, in_chans, h, w, generator=g)) if check else None
     return OnnxExport(path, (h, w), seconds, error)

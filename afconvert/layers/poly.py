@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from afconvert.layers.spectral import ideal_lowpass, ideal_resample, ideal_upsample, promote_half
+from afconvert.layers.spectral import as_dtype, ideal_lowpass, ideal_resample, ideal_upsample, promote_half
 
 __all__ = [
     "PolyActivation",
@@ -231,8 +231,8 @@ class PolyActivation(_InitialisedByConversion):
 
     def effective_coef(self, dtype: torch.dtype) -> torch.Tensor:
         """a[c, k] = s_out coef[c, k] s_in^k: the polynomial in x itself, (C, degree + 1)."""
-        powers = self.in_scale.to(dtype) ** torch.arange(self.degree + 1, device=self.coef.device, dtype=dtype)
-        return self.coef.to(dtype) * powers * self.out_scale.to(dtype)
+        powers = as_dtype(self.in_scale, dtype) ** torch.arange(self.degree + 1, device=self.coef.device, dtype=dtype)
+        return as_dtype(self.coef, dtype) * powers * as_dtype(self.out_scale, dtype)
 
     def polynomial(self, x: torch.Tensor) -> torch.Tensor:
         """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising (s over all of
@@ -245,7 +245,8 @@ class PolyActivation(_InitialisedByConversion):
         scratch = None
         if dims is not None:
             s, scratch = _l4_with_scratch(x, dims, self.eps)
-            coef = [c if k == 1 else c * s ** (1 - k) for k, c in enumerate(coef)]
+            coef = [c * s if k == 0 else c if k == 1 else c / s if k == 2 else c * s ** (1 - k)
+                    for k, c in enumerate(coef)]
         if torch.is_grad_enabled():
             res = torch.addcmul(coef[-2], coef[-1], x)
             for c in reversed(coef[:-2]):
@@ -257,7 +258,7 @@ class PolyActivation(_InitialisedByConversion):
         return res
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.polynomial(promote_half(x)).to(x.dtype)   # float32 under autocast: powers need range
+        return as_dtype(self.polynomial(promote_half(x)), x.dtype)   # float32 under autocast: powers need range
 
     def extra_repr(self) -> str:
         norm = f", normalize={self.normalize}, spatial_dims={self.spatial_dims}" if self.normalize != "none" else ""
@@ -280,7 +281,7 @@ class AliasFreePolyActivation(PolyActivation):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [x.shape[d] for d in self.spatial_dims]
         y = self.polynomial(ideal_upsample(promote_half(x), self.up, self.spatial_dims))
-        return ideal_resample(y, size, self.spatial_dims).to(x.dtype)
+        return as_dtype(ideal_resample(y, size, self.spatial_dims), x.dtype)
 
     def extra_repr(self) -> str:
         dims = f", spatial_dims={self.spatial_dims}" if self.normalize == "none" else ""
@@ -324,4 +325,4 @@ class ResidualActivation(_InitialisedByConversion):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.gamma.to(x.dtype) * self.act(x)
+        return x + as_dtype(self.gamma, x.dtype) * self.act(x)

@@ -34,6 +34,7 @@ __all__ = [
     "fractional_shift",
     "zero_nyquist",
     "promote_half",
+    "as_dtype",
     "resample_matrix",
     "lowpass_matrix",
     "resample_method",
@@ -64,7 +65,12 @@ def promote_half(x: torch.Tensor) -> torch.Tensor:
     For the layers whose maths needs range under mixed precision (autocast): FFTs (half precision
     only for powers of two on CUDA), polynomials and fourth powers (an L4 scale of a value above 16
     overflows float16), variances. They compute in float32 and return the input's dtype."""
-    return x.to(_real_dtype(x))
+    return as_dtype(x, _real_dtype(x))
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``, x itself when it already is (a no-op ``.to`` still costs a node in a traced graph)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _crop_or_pad_full(spec: torch.Tensor, dim: int, n_in: int, n_out: int) -> torch.Tensor:
@@ -209,7 +215,7 @@ def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: i
     if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
         with torch.autocast(x.device.type, enabled=False):
             return _separable_matmul(x, a0, a1, d0, d1)
-    y = x.to(a0.dtype)
+    y = as_dtype(x, a0.dtype)
     for a, d in sorted([(a0, d0), (a1, d1)], key=key):
         y = _matmul_dim(y, a, d)
     return y
@@ -240,12 +246,12 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     if matmul:
         a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)
         a1 = resample_matrix(n_in[1], n_out[1], rdt, x.device)
-        return _separable_matmul(x, a0, a1, d0, d1).to(dtype)
-    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
+        return as_dtype(_separable_matmul(x, a0, a1, d0, d1), dtype)
+    spec = torch.fft.rfftn(as_dtype(x, rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
     y = torch.fft.irfftn(spec, s=n_out, dim=(d0, d1))
-    return (y * (n_out[0] * n_out[1] / (n_in[0] * n_in[1]))).to(dtype)
+    return as_dtype(y * (n_out[0] * n_out[1] / (n_in[0] * n_in[1])), dtype)
 
 
 def ideal_downsample(x: torch.Tensor, factor: int | Sequence[int], dims: Dims = (-2, -1),
@@ -276,14 +282,14 @@ def _separable_filter(x: torch.Tensor, dims: Dims, factor_1d) -> torch.Tensor:
     over its full spectrum (n bins) or, for the rfft dim, its one-sided half (n // 2 + 1 bins)."""
     d0, d1 = _norm_dims(x, dims)
     rdt = _real_dtype(x)
-    spec = torch.fft.rfftn(x.to(rdt), dim=(d0, d1))
+    spec = torch.fft.rfftn(as_dtype(x, rdt), dim=(d0, d1))
     shape = [1] * x.ndim
     shape[d0] = x.shape[d0]
     factor = factor_1d(0, x.shape[d0], False, x.device, rdt).reshape(shape)
     shape[d0], shape[d1] = 1, x.shape[d1] // 2 + 1
     factor = factor * factor_1d(1, x.shape[d1], True, x.device, rdt).reshape(shape)
     y = torch.fft.irfftn(spec * factor, s=(x.shape[d0], x.shape[d1]), dim=(d0, d1))
-    return y.to(x.dtype)
+    return as_dtype(y, x.dtype)
 
 
 def _bins(n: int, onesided: bool, device, dtype) -> torch.Tensor:
@@ -306,7 +312,7 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method:
         rdt = _real_dtype(x)
         a0 = lowpass_matrix(x.shape[d0], float(cutoff), rdt, x.device)
         a1 = lowpass_matrix(x.shape[d1], float(cutoff), rdt, x.device)
-        return _separable_matmul(x, a0, a1, d0, d1).to(x.dtype)
+        return as_dtype(_separable_matmul(x, a0, a1, d0, d1), x.dtype)
 
     def mask(axis, n, onesided, device, dtype):
         return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
