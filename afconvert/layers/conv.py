@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from afconvert.layers.spectral import ideal_downsample, zero_nyquist
 
-__all__ = ["circular_pad", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d", "conv_output_size"]
+__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
+           "conv_output_size"]
 
 
 def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
@@ -33,6 +34,22 @@ def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
     rows = torch.arange(-top, H + bottom, device=x.device) % H
     cols = torch.arange(-left, W + right, device=x.device) % W
     return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   dilation: Sequence[int] = (1, 1)) -> torch.Tensor:
+    """A depthwise ('valid', stride 1) convolution as a sum over the kernel's taps of shifted maps times
+    per-channel weights: y = b + sum_ij w[:, 0, i, j] x[..., i dh:, j dw:]. The same numbers as
+    ``F.conv2d(groups=C)``; there for float64 on a CPU, where PyTorch loops over the channels one by one
+    (here: one fused multiply-add pass per tap). x (N, C, H, W), weight (C, 1, kh, kw) -> (N, C, H', W')."""
+    (kh, kw), (dh, dw) = weight.shape[-2:], dilation
+    h, w = x.shape[-2] - dh * (kh - 1), x.shape[-1] - dw * (kw - 1)
+    taps = weight.reshape(1, -1, kh * kw, 1, 1)
+    y = torch.zeros_like(x[..., :h, :w]) if bias is None else bias.reshape(1, -1, 1, 1).expand_as(x[..., :h, :w])
+    for i in range(kh):
+        for j in range(kw):
+            y = torch.addcmul(y, x[..., i * dh:i * dh + h, j * dw:j * dw + w], taps[:, :, i * kw + j])
+    return y
 
 
 def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -66,6 +83,9 @@ class CircularConv2d(nn.Conv2d):
 
     def _circular_conv(self, x: torch.Tensor) -> torch.Tensor:
         x = circular_pad(x, self.pad)
+        if x.dtype is torch.float64 and x.device.type == "cpu" and self.groups > 1 and \
+                self.groups == self.in_channels == self.out_channels:
+            return depthwise_taps(x, self.weight, self.bias, self.dilation)
         return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -266,3 +266,23 @@ def test_l4_scale_gradient_is_the_plain_formulas():
     got, x.grad = x.grad.clone(), None
     ((x.pow(4).mean((2, 3), keepdim=True) + 1e-24).pow(0.25) * w).sum().backward()
     assert torch.allclose(got, x.grad, atol=1e-14)
+
+
+@pytest.mark.parametrize("k,d,bias", [(7, 1, True), (3, 2, False), (5, 1, True)])
+def test_depthwise_taps_equal_grouped_conv(k, d, bias):
+    """The float64 CPU path of depthwise circular convolutions (a sum over taps) is F.conv2d's map,
+    forward and backward, and a CircularConv2d takes it only there."""
+    from afconvert.layers.conv import CircularConv2d, depthwise_taps
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 6, 9 + d * (k - 1), 11 + d * (k - 1), generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ref, out = F.conv2d(x, w, b, 1, 0, (d, d), 6), depthwise_taps(x, w, b, (d, d))
+    assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-12
+    grads = [torch.autograd.grad(y.square().sum(), [x, w]) for y in (ref, out)]
+    assert all(float((a - c).abs().max()) < 1e-10 for a, c in zip(*grads))
+    conv = CircularConv2d(6, 6, k, groups=6, padding=d * (k - 1) // 2, dilation=d).double()
+    xs = torch.randn(1, 6, 8, 10, generator=g, dtype=torch.float64)
+    plain = F.conv2d(F.pad(xs, conv.pad, mode="circular"), conv.weight, conv.bias, 1, 0, conv.dilation, 6)
+    assert float((conv(xs) - plain).abs().max()) < 1e-12
+    assert torch.equal(conv(torch.roll(xs, (3, -2), (2, 3))), torch.roll(conv(xs), (3, -2), (2, 3)))
