@@ -1,15 +1,18 @@
-"""ONNX export (afconvert.export, `afconvert export`): the file runs in onnxruntime and gives the PyTorch
-logits, at any batch size, for converted models of each family; the FFT form itself cannot be exported."""
+"""Export: ONNX (afconvert.export, `afconvert export`: the file runs in onnxruntime and gives the PyTorch
+logits, at any batch size) and torch.compile (one whole graph, the same logits)."""
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+import afconvert
+from afconvert.cli import main
+from afconvert.export import export_onnx, onnx_max_rel_error
+from afconvert.sources.models import create_source_model
 
-import afconvert  # noqa: E402
-from afconvert.cli import main  # noqa: E402
-from afconvert.export import export_onnx, onnx_max_rel_error  # noqa: E402
-from afconvert.sources.models import create_source_model  # noqa: E402
+
+@pytest.fixture
+def onnx_tools():
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
 
 SIZE = (32, 40)
 
@@ -24,7 +27,7 @@ def tiny_convnet() -> torch.nn.Module:
                          nn.Flatten(), nn.Linear(16, 10)).eval()
 
 
-def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread):
+def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread, onnx_tools):
     """A converted model with every replaced family: exported, run in onnxruntime, the PyTorch logits.
     (Exporting the full ConvNeXt-T, ResNet-50 and EfficientNet-B0 takes a minute each: measured by hand,
     `afconvert export`, figures in the README.)"""
@@ -44,7 +47,7 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread):
     assert "MatMul" in ops and not ops & {"DFT", "STFT"}, ops
 
 
-def test_cli_exports_a_checkpoint_atomically(tmp_path, capsys, one_thread):
+def test_cli_exports_a_checkpoint_atomically(tmp_path, capsys, one_thread, onnx_tools):
     ckpt, out = tmp_path / "m.pt", tmp_path / "m.onnx"
     source, _ = create_source_model("test_efficientnet", pretrained=False, num_classes=10)
     afconvert.save(afconvert.convert(source, input_size=SIZE, check_numerics=False), ckpt)
@@ -56,3 +59,16 @@ def test_cli_exports_a_checkpoint_atomically(tmp_path, capsys, one_thread):
     assert main(["export", str(ckpt), "--onnx", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a directory" in err
+
+
+def test_torch_compile_captures_one_graph_and_matches(one_thread):
+    """torch.compile sees the whole converted model as one graph (fullgraph: no break at the cached
+    resampling matrices, the L4 scale or the casts) and computes the same logits. aot_eager: the capture
+    and autograd tracing without inductor's C++ build (inductor: `afconvert bench MODEL --compile`)."""
+    model = afconvert.convert(tiny_convnet(), input_size=SIZE, check_numerics=False).eval()
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x), ref, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

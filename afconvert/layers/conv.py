@@ -23,7 +23,7 @@ def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
     Unlike ``F.pad(mode="circular")`` the padding may exceed the map: it wraps as many times as
     needed, so the padded convolution is a true circular convolution (a 7x7 kernel on a 2x2 map).
     """
-    left, right, top, bottom = (int(p) for p in pad)
+    left, right, top, bottom = [int(p) for p in pad]
     if min(pad) < 0:
         raise ValueError(f"circular padding must be non-negative, got {tuple(pad)}")
     H, W = x.shape[-2:]

@@ -51,7 +51,7 @@ class AliasFreeLayerNorm(nn.Module):
         cd = self.channel_dim % x.ndim
         u = x.mean(cd, keepdim=True)
         xc = x - u
-        var = xc.pow(2).mean((cd, *(d % x.ndim for d in self.spatial_dims)), keepdim=True)
+        var = xc.pow(2).mean((cd, *[d % x.ndim for d in self.spatial_dims]), keepdim=True)
         y = xc * torch.rsqrt(var + self.eps)
         shape = [1] * x.ndim
         shape[cd] = self.channels

@@ -73,7 +73,7 @@ def _l4_with_scratch(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tupl
     """(s, scratch): the L4 scale s = r (mean((x / r)^4) + (eps / r)^4)^(1/4) of ``l4_scale``, r = max(max |x|,
     eps) a constant (no gradient): |x / r| <= 1, so nothing overflows float32 however large x is. ``scratch``:
     when no gradient is recorded, a buffer of x's shape that the caller may overwrite, else None."""
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     c = x.detach()        # r is a constant (detach, not no_grad: graph capture then keeps one graph)
     r = torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)   # max |x|
     if torch.is_grad_enabled():

@@ -46,7 +46,7 @@ Dims = Sequence[int]
 def _norm_dims(x: torch.Tensor, dims: Dims) -> tuple[int, int]:
     if len(dims) != 2:
         raise ValueError(f"expected two spatial dims, got {tuple(dims)}")
-    d0, d1 = (d % x.ndim for d in dims)
+    d0, d1 = [d % x.ndim for d in dims]
     if d0 == d1:
         raise ValueError(f"spatial dims must differ, got {tuple(dims)}")
     return d0, d1
@@ -236,7 +236,7 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     """
     d0, d1 = _norm_dims(x, dims)
     n_in = (x.shape[d0], x.shape[d1])
-    n_out = tuple(int(s) for s in size)
+    n_out = tuple([int(s) for s in size])
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
     matmul = _use_matmul(x, method, n_in + n_out)
