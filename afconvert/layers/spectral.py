@@ -127,12 +127,7 @@ def _from_impulses(op_1d, n_in: int, dtype, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=512)
-def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
-                    device: torch.device | None = None) -> torch.Tensor:
-    """The (n_out, n_in) real matrix of 1-D ideal resampling: column j is unit impulse j resampled.
-
-    The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
-    float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
+def _resample_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
     def op(eye):
         spec = _crop_or_pad_half(torch.fft.rfft(eye, dim=0), 0, n_in, n_out)
         return torch.fft.irfft(spec, n=n_out, dim=0) * (n_out / n_in)
@@ -140,13 +135,30 @@ def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
 
 
 @functools.lru_cache(maxsize=512)
-def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """The (n, n) real matrix of the 1-D ideal low-pass of ``ideal_lowpass`` (bins |k| < cutoff n / 2)."""
+def _lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
     def op(eye):
         mask = (_bins(n, True, None, torch.float64).abs() < cutoff * n / 2).to(torch.float64)
         return torch.fft.irfft(torch.fft.rfft(eye, dim=0) * mask[:, None], n=n, dim=0)
     return _from_impulses(op, n, dtype, device)
+
+
+# torch.compile calls these once while tracing and keeps the matrix as a constant (through the cache it
+# would trace the FFTs that build it into every compiled graph)
+@torch.compiler.assume_constant_result
+def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """The (n_out, n_in) real matrix of 1-D ideal resampling: column j is unit impulse j resampled.
+
+    The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
+    float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
+    return _resample_matrix(n_in, n_out, dtype, device)
+
+
+@torch.compiler.assume_constant_result
+def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """The (n, n) real matrix of the 1-D ideal low-pass of ``ideal_lowpass`` (bins |k| < cutoff n / 2)."""
+    return _lowpass_matrix(n, float(cutoff), dtype, device)
 
 
 # How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".
@@ -190,8 +202,8 @@ def _use_matmul(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bo
     return x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
 
 
-def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int) -> torch.Tensor:
-    """A applied along dim d of x: (..., n_in, ...) -> (..., n_out, ...), as one (batched) matrix product
+def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int, n_out: int) -> torch.Tensor:
+    """A (n_out, n_in) applied along dim d of x: (..., n_in, ...) -> (..., n_out, ...), as one (batched) product
     over a view of x: (P, n_in, Q) for the dims before and after d (no copy of a contiguous x)."""
     shape = x.shape
     p, q = math.prod(shape[:d]), math.prod(shape[d + 1:])
@@ -199,25 +211,25 @@ def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int) -> torch.Tensor:
         y = torch.matmul(x.reshape(p, shape[d]), a.T)
     else:
         y = torch.matmul(a, x.reshape(p, shape[d], q))
-    return y.view(*shape[:d], a.shape[0], *shape[d + 1:])
+    return y.view(*shape[:d], n_out, *shape[d + 1:])
 
 
-def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
+def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: int, d1: int,
+                      n_out: Sequence[int]) -> torch.Tensor:
     """A_0 X A_1^T over dims (d0, d1), in the matrices' dtype and outside autocast (no bf16 / fp16 products).
 
     Order: the dim that shrinks most goes first (less work for the second product); at equal ratios the
     inner dim (the less efficient, small batched product) runs on the smaller map: first when growing,
     last when shrinking."""
-    def key(step):
-        a, d = step
-        ratio = a.shape[0] / a.shape[1]
-        return ratio, -d if ratio > 1 else d
     if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
         with torch.autocast(x.device.type, enabled=False):
-            return _separable_matmul(x, a0, a1, d0, d1)
-    y = as_dtype(x, a0.dtype)
-    for a, d in sorted([(a0, d0), (a1, d1)], key=key):
-        y = _matmul_dim(y, a, d)
+            return _separable_matmul(x, a0, a1, d0, d1, n_out)
+    r0, r1 = n_out[0] / x.shape[d0], n_out[1] / x.shape[d1]
+    a1_first = r1 < r0 if r0 != r1 else (d1 > d0 if r0 > 1 else d1 < d0)
+    steps = ((a1, d1, n_out[1]), (a0, d0, n_out[0])) if a1_first else ((a0, d0, n_out[0]), (a1, d1, n_out[1]))
+    y = as_dtype(x, _real_dtype(x))
+    for a, d, n in steps:
+        y = _matmul_dim(y, a, d, n)
     return y
 
 
@@ -246,7 +258,7 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     if matmul:
         a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)
         a1 = resample_matrix(n_in[1], n_out[1], rdt, x.device)
-        return as_dtype(_separable_matmul(x, a0, a1, d0, d1), dtype)
+        return as_dtype(_separable_matmul(x, a0, a1, d0, d1, n_out), dtype)
     spec = torch.fft.rfftn(as_dtype(x, rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
@@ -312,7 +324,7 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method:
         rdt = _real_dtype(x)
         a0 = lowpass_matrix(x.shape[d0], float(cutoff), rdt, x.device)
         a1 = lowpass_matrix(x.shape[d1], float(cutoff), rdt, x.device)
-        return as_dtype(_separable_matmul(x, a0, a1, d0, d1), x.dtype)
+        return as_dtype(_separable_matmul(x, a0, a1, d0, d1, (x.shape[d0], x.shape[d1])), x.dtype)
 
     def mask(axis, n, onesided, device, dtype):
         return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
