@@ -20,7 +20,6 @@ the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 an
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Iterator, Sequence
 
@@ -126,39 +125,48 @@ def _from_impulses(op_1d, n_in: int, dtype, device) -> torch.Tensor:
     return mat.to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=512)
-def _resample_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+def _resample_op(n_in: int, n_out: int):
     def op(eye):
         spec = _crop_or_pad_half(torch.fft.rfft(eye, dim=0), 0, n_in, n_out)
         return torch.fft.irfft(spec, n=n_out, dim=0) * (n_out / n_in)
-    return _from_impulses(op, n_in, dtype, device)
+    return op
 
 
-@functools.lru_cache(maxsize=512)
-def _lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+def _lowpass_op(n: int, cutoff: float):
     def op(eye):
         mask = (_bins(n, True, None, torch.float64).abs() < cutoff * n / 2).to(torch.float64)
         return torch.fft.irfft(torch.fft.rfft(eye, dim=0) * mask[:, None], n=n, dim=0)
-    return _from_impulses(op, n, dtype, device)
+    return op
 
 
-# torch.compile calls these once while tracing and keeps the matrix as a constant (through the cache it
-# would trace the FFTs that build it into every compiled graph)
-@torch.compiler.assume_constant_result
+# Built matrices by (kind, sizes, dtype, device). A plain dict, not functools.lru_cache: torch.compile reads a
+# dict entry as a constant tensor, but traces through lru_cache into the FFTs that build the matrix.
+_MATRICES: dict = {}
+
+
+def _matrix(key: tuple, op, n_in: int, dtype: torch.dtype, device) -> torch.Tensor:
+    mat = _MATRICES.get(key)
+    if mat is None:
+        if len(_MATRICES) >= 1024:
+            _MATRICES.clear()
+        mat = _MATRICES[key] = _from_impulses(op, n_in, dtype, device)
+    return mat
+
+
 def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
                     device: torch.device | None = None) -> torch.Tensor:
     """The (n_out, n_in) real matrix of 1-D ideal resampling: column j is unit impulse j resampled.
 
     The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
     float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
-    return _resample_matrix(n_in, n_out, dtype, device)
+    return _matrix(("resample", n_in, n_out, dtype, device), _resample_op(n_in, n_out), n_in, dtype, device)
 
 
-@torch.compiler.assume_constant_result
 def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
                    device: torch.device | None = None) -> torch.Tensor:
     """The (n, n) real matrix of the 1-D ideal low-pass of ``ideal_lowpass`` (bins |k| < cutoff n / 2)."""
-    return _lowpass_matrix(n, float(cutoff), dtype, device)
+    cutoff = float(cutoff)
+    return _matrix(("lowpass", n, cutoff, dtype, device), _lowpass_op(n, cutoff), n, dtype, device)
 
 
 # How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".

@@ -61,9 +61,10 @@ def test_finite_bounded_logits_at_every_size(converted):
 @pytest.mark.parametrize("name", MORE_MODELS)
 def test_more_families_finite_and_bounded(name):
     source, _ = create_source_model(name, pretrained=False)
-    model = afconvert.convert(source, input_size=SIZE)
-    assert model.afconvert_report.stable, model.afconvert_report.verdict_text
-    assert _max_abs_logit(model, (96, 96)) < LOGIT_BOUND
+    report = afconvert.convert(source, input_size=SIZE).afconvert_report
+    assert report.stable, report.verdict_text
+    worst = report.numerics["max_abs_logit"]     # measured at the probe (64) and the native size
+    assert len(worst) == 2 and "64x64" in worst and max(worst.values()) < LOGIT_BOUND, worst
 
 
 @torch.no_grad()
