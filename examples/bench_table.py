@@ -75,7 +75,9 @@ def main() -> None:
             results.append(res)
             o, c = res["original"], res["converted"]
             cells.append(f"{res['ratio']['time']:.2f}x ({o['ms_per_batch']:.0f} -> {c['ms_per_batch']:.0f} ms)")
-            if train:
+            if train and res["ratio"]["memory"] is None:
+                cells.append("n/a")
+            elif train:
                 cells.append(f"{res['ratio']['memory']:.2f}x ({o['peak_mb']:.0f} -> {c['peak_mb']:.0f} MB)")
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()

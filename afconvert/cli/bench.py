@@ -75,8 +75,10 @@ def _main(argv: Sequence[str]) -> int:
     print(f"  {'':<10} {'ms/batch':>10} {'images/s':>10} {'peak MB':>10}")
     for label in ("original", "converted"):
         r = res[label]
-        print(f"  {label:<10} {r['ms_per_batch']:10.1f} {r['images_per_s']:10.1f} {r['peak_mb']:10.0f}")
-    print(f"  {'ratio':<10} {res['ratio']['time']:9.2f}x {'':>10} {res['ratio']['memory']:9.2f}x")
+        mb = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        print(f"  {label:<10} {r['ms_per_batch']:10.1f} {r['images_per_s']:10.1f} {mb:>10}")
+    mem = "n/a" if res["ratio"]["memory"] is None else f"{res['ratio']['memory']:.2f}x"
+    print(f"  {'ratio':<10} {res['ratio']['time']:9.2f}x {'':>10} {mem:>10}")
     if table is not None:
         print(f"converted model, top {args.profile} operators by self time:\n{table}")
     return 0

@@ -22,7 +22,7 @@ class Measurement:
     label: str
     ms_per_batch: float
     images_per_s: float
-    peak_mb: float
+    peak_mb: float | None          # None: not measurable (compiled code on a CPU allocates outside the profiler)
 
 
 def _step(model: nn.Module, x: torch.Tensor, train: bool, amp: torch.dtype | None = None):
@@ -64,7 +64,7 @@ def _peak_mb(run, device: torch.device) -> float:
 
 
 def measure(model: nn.Module, x: torch.Tensor, train: bool = False, min_run_time: float = 2.0,
-            label: str = "", amp: torch.dtype | None = None) -> Measurement:
+            label: str = "", amp: torch.dtype | None = None, memory: bool = True) -> Measurement:
     """One model's cost on batch ``x`` (already on its device)."""
     import torch.utils.benchmark as benchmark
     model.train(train)
@@ -72,7 +72,7 @@ def measure(model: nn.Module, x: torch.Tensor, train: bool = False, min_run_time
     run()                                               # warm-up (caches, lazy init)
     timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
     ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    return Measurement(label, ms, x.shape[0] / ms * 1e3, _peak_mb(run, x.device))
+    return Measurement(label, ms, x.shape[0] / ms * 1e3, _peak_mb(run, x.device) if memory else None)
 
 
 def _input(batch_size: int, input_size: Sequence[int], device: torch.device, seed: int) -> torch.Tensor:
@@ -92,10 +92,12 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
     models = (("original", source.to(dev)), ("converted", converted.to(dev)))
     if compile:
         models = tuple((label, torch.compile(m)) for label, m in models)
-    rows = {label: measure(m, x, train, min_run_time, label, amp) for label, m in models}
+    memory = not (compile and dev.type == "cpu")
+    rows = {label: measure(m, x, train, min_run_time, label, amp, memory) for label, m in models}
     o, c = rows["original"], rows["converted"]
     return {"original": asdict(o), "converted": asdict(c),
-            "ratio": {"time": c.ms_per_batch / o.ms_per_batch, "memory": c.peak_mb / max(o.peak_mb, 1e-9)},
+            "ratio": {"time": c.ms_per_batch / o.ms_per_batch,
+                      "memory": c.peak_mb / max(o.peak_mb, 1e-9) if memory else None},
             "mode": "train step" if train else "inference", "batch_size": batch_size,
             "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
             "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch.")}
