@@ -12,8 +12,8 @@ from afconvert.converter.certify import random_input
 from afconvert.converter.rule import Verdict
 from afconvert.layers.spectral import fractional_shift
 
-INTEGER = [(1, 0), (0, 1), (3, -2), (-5, 7)]
-FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3), (0.25, 0)]
+INTEGER = [(1, 0), (-5, 7)]
+FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3)]
 EXPECTED = {"afc": Verdict.EXACT, "aps": Verdict.INTEGER, "blurpool": Verdict.APPROX, "circular": Verdict.NOT}
 
 
@@ -36,7 +36,7 @@ def test_each_method_is_judged_and_measured(source, recipe):
     converted = afconvert.convert(model, recipe=recipe, check_numerics=False).double().eval()
     report = converted.afconvert_report
     assert report.verdict is EXPECTED[recipe], report.verdict_text
-    x = random_input(4, 3, (64, 64), torch.float64)
+    x = random_input(2, 3, (64, 64), torch.float64)
     integer, fractional = _change(converted, x, INTEGER), _change(converted, x, FRACTIONAL)
     if recipe == "afc":
         assert integer < 1e-10 and fractional < 1e-10
