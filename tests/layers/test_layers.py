@@ -286,3 +286,44 @@ def test_depthwise_taps_equal_grouped_conv(k, d, bias):
     plain = F.conv2d(F.pad(xs, conv.pad, mode="circular"), conv.weight, conv.bias, 1, 0, conv.dilation, 6)
     assert float((conv(xs) - plain).abs().max()) < 1e-12
     assert torch.equal(conv(torch.roll(xs, (3, -2), (2, 3))), torch.roll(conv(xs), (3, -2), (2, 3)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(3, 13), w=st.integers(3, 13), degree=st.sampled_from([2, 3]),
+       normalize=st.sampled_from(["none", "channel", "sample"]), chans_last=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_inference_path_equals_training_path(h, w, degree, normalize, chans_last, dtype):
+    """The in-place polynomial (no gradient recorded) is the same map as the autograd one, on any sizes,
+    NCHW or NHWC, every normalisation, float64 to 1e-12 and float32 to 1e-6 (relative)."""
+    g = torch.Generator().manual_seed(h * 31 + w)
+    coef = torch.randn(3, degree + 1, generator=g, dtype=torch.float64) * 0.5
+    dims, cd = ((1, 2), -1) if chans_last else ((2, 3), 1)
+    act = AliasFreePolyActivation(3, degree, coef=coef, normalize=normalize, channel_dim=cd,
+                                  spatial_dims=dims).to(dtype)
+    x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64).to(dtype) * 3
+    if chans_last:
+        x = x.permute(0, 2, 3, 1).contiguous()
+    xg = x.clone().requires_grad_(True)
+    y_train = act(xg)
+    with torch.no_grad():
+        y_eval = act(x)
+    tol = 1e-12 if dtype is torch.float64 else 1e-6
+    assert float((y_train.detach() - y_eval).abs().max()) <= tol * max(1.0, float(y_eval.abs().max()))
+    assert torch.equal(x, xg.detach())     # the input itself is never written
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(3, 20), w=st.integers(3, 20), cutoff=st.sampled_from([1.0, 0.5, 0.75]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_lowpass_matmul_gradient_equals_fft(h, w, cutoff, dtype):
+    from afconvert.layers.spectral import ideal_lowpass
+    g = torch.Generator().manual_seed(h + 100 * w)
+    x = torch.randn(1, 2, h, w, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(1, 2, h, w, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for method in ("fft", "matmul"):
+        xi = x.clone().requires_grad_(True)
+        (ideal_lowpass(xi, cutoff, method=method) * weight).sum().backward()
+        grads.append(xi.grad)
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    assert float((grads[0] - grads[1]).abs().max()) <= tol * float(weight.abs().max())
