@@ -26,7 +26,6 @@ from PIL import Image, ImageOps
 
 import afconvert
 from afconvert.data import data_config
-from afconvert.layers import spectral
 from afconvert.train.finetune import FinetuneConfig, finetune
 from afconvert.train.reconstruct import reconstruct
 
