@@ -23,7 +23,8 @@ class NumericallyUnstableError(ValueError):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afconvert", description="Make a pretrained convnet alias-free (AFC).",
                                 epilog="other commands: `afconvert audit MODEL`, `afconvert eval MODEL... --data DIR`, "
-                                       "`afconvert recipes`")
+                                       "`afconvert finetune`, `afconvert bench MODEL`, `afconvert export MODEL --onnx "
+                                       "FILE`, `afconvert recipes`")
     add_model_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the converted model (.pt)")
     p.add_argument("--recipe", default="afc", help="shipped recipe name or a .toml file (see `afconvert recipes`)")
