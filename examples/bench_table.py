@@ -18,7 +18,7 @@ import torch
 
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
-from afconvert.evaluation.benchmark import compare
+from afconvert.evaluation.benchmark import AMP_DTYPES, compare
 from afconvert.layers.spectral import resample_method
 from afconvert.sources.models import create_source_model
 
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="inference batch (default 8)")
     p.add_argument("--train-batch-size", type=int, default=4, help="training-step batch (default 4)")
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None)
     p.add_argument("--resample", default="auto", choices=("auto", "fft", "matmul"))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--options", type=json.loads, default=None, metavar="JSON",
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp = AMP_DTYPES.get(args.amp)
     size = (args.input_size, args.input_size)
     rows, results = [], []
     for name in args.models:

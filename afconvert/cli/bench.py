@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="a training step (forward + backward) instead of inference")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per model, at least")
     p.add_argument("--resample", default="auto", choices=("auto", "fft", "matmul"),
-                   help="form of the ideal resampling and filters: auto (matmul for float32 on a CPU up to "
-                        "512 px, else FFT), fft or matmul (default auto)")
+                   help="form of the ideal resampling and filters: auto (matmul for float32 maps up to 512 px, "
+                        "unless on CUDA with TF32 allowed; else FFT), fft or matmul (default auto)")
     p.add_argument("--compile", action="store_true", help="time both models through torch.compile")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="both models under autocast (the converted model's FFT, polynomial and norm layers keep "
@@ -46,7 +46,7 @@ def _main(argv: Sequence[str]) -> int:
     import torch
 
     from afconvert.converter.engine import convert
-    from afconvert.evaluation.benchmark import compare, profile_table
+    from afconvert.evaluation.benchmark import AMP_DTYPES, compare, profile_table
     from afconvert.layers.spectral import resample_method
     from afconvert.sources.models import create_source_model
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -56,7 +56,7 @@ def _main(argv: Sequence[str]) -> int:
     converted = convert(source, args.recipe, input_size=tuple(args.input_size), check_numerics=False)
     seconds = time.perf_counter() - t0
     with resample_method(args.resample):
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        amp = AMP_DTYPES.get(args.amp)
         res = compare(source, converted, args.batch_size, tuple(args.input_size), args.device, args.train,
                       args.min_time, compile=args.compile, amp=amp)
         table = profile_table(converted, args.batch_size, tuple(args.input_size), args.device, args.train,

@@ -14,7 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["Measurement", "measure", "compare", "profile_table"]
+__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # the autocast choices of the cost commands
 
 
 @dataclass

@@ -134,7 +134,7 @@ def _resample_op(n_in: int, n_out: int):
 
 def _lowpass_op(n: int, cutoff: float):
     def op(eye):
-        mask = (_bins(n, True, None, torch.float64).abs() < cutoff * n / 2).to(torch.float64)
+        mask = _lowpass_mask(n, cutoff, True, None, torch.float64)
         return torch.fft.irfft(torch.fft.rfft(eye, dim=0) * mask[:, None], n=n, dim=0)
     return op
 
@@ -334,9 +334,13 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method:
         a1 = lowpass_matrix(x.shape[d1], float(cutoff), rdt, x.device)
         return as_dtype(_separable_matmul(x, a0, a1, d0, d1, (x.shape[d0], x.shape[d1])), x.dtype)
 
-    def mask(axis, n, onesided, device, dtype):
-        return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
-    return _separable_filter(x, dims, mask)
+    return _separable_filter(x, dims, lambda axis, n, onesided, device, dtype:
+                             _lowpass_mask(n, cutoff, onesided, device, dtype))
+
+
+def _lowpass_mask(n: int, cutoff: float, onesided: bool, device, dtype) -> torch.Tensor:
+    """1 on the bins |k| < cutoff n / 2 of a length-n signal, 0 elsewhere (one-sided: bins 0 .. n // 2)."""
+    return (_bins(n, onesided, device, dtype).abs() < cutoff * n / 2).to(dtype)
 
 
 def zero_nyquist(x: torch.Tensor, dims: Dims = (-2, -1), method: str | None = None) -> torch.Tensor:
