@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.proxy import ParameterProxy
 
 __all__ = ["UntraceableModelError", "AFTracer", "trace"]
 
@@ -36,6 +38,7 @@ class AFTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(_timm_notrace_functions()), param_shapes_constant=True)
         self.leaf_types = frozenset(leaf_types)
         self.opaque = frozenset(opaque)
+        self._names: tuple[dict[int, str], dict[int, str]] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.leaf_types or module_qualified_name in self.opaque:
@@ -43,6 +46,37 @@ class AFTracer(fx.Tracer):
         if type(m).__module__.startswith("afconvert."):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self._names = None
+        return super().trace(root, concrete_args)
+
+    def _name_of(self, t: torch.Tensor) -> str | None:
+        """The qualified name of a parameter (or, for other tensors, a buffer) of the root, or None.
+        fx finds it by a linear search of ``named_parameters()`` / ``named_buffers()`` at every use
+        (quadratic in the model's size: most of the time to trace a DenseNet); here a map, once per trace."""
+        if self._names is None:
+            self._names = tuple({} for _ in range(2))
+            for names, items in zip(self._names, (self.root.named_parameters(), self.root.named_buffers())):
+                for name, value in items:
+                    names.setdefault(id(value), name)
+        return self._names[0 if isinstance(t, nn.Parameter) else 1].get(id(t))
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's own semantics: a proxy per parameter (and buffer), cached; looked up by ``_name_of``."""
+        wanted = isinstance(attr_val, nn.Parameter) or (self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor))
+        name = self._name_of(attr_val) if wanted else None
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            factory = (lambda node: ParameterProxy(self, node, name, attr_val)) if self.param_shapes_constant else None
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy) and (name := self._name_of(a)) is not None:
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         try:
