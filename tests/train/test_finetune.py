@@ -1,8 +1,9 @@
 """`afconvert finetune`: distillation that runs, resumes exactly after a kill (torchrun, 2 processes,
 gloo), keeps the certificate, and refuses bad inputs in one line."""
+import multiprocessing
 import os
-import subprocess
-import sys
+import signal
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,36 +42,47 @@ def test_kd_loss_leaves_out_non_finite_rows():
     assert agreement(t, t).all() and not agreement(s, t)[1]
 
 
-def _torchrun(tmp_path, output, *extra, env=None, port):
-    """Start a 2-process run (wait with .communicate()); every run starts from the same student checkpoint,
-    whose teacher is rebuilt from it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "afconvert", "finetune", str(tmp_path / "student.pt"), "--data", str(tmp_path / "data"),
-           "--output", str(output),
-           "--steps", "5", "--checkpoint-every", "2", *SMALL, *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+def _finetune_worker(env: dict, argv: list) -> int:
+    """A torchrun worker: the fork server's environment is the one it started with, so each run's own goes here."""
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    return main(argv)
 
 
-def _wait(proc) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+def _torchrun(tmp_path, output, *extra, env=None):
+    """A 2-process run through torchrun's own launcher (elastic agent, c10d rendezvous on a free port, gloo),
+    its workers forked from one fork server that imported afconvert's training stack once for all runs (three
+    torchrun commands would start nine interpreters that each import torch and timm); every run starts from
+    the same student checkpoint, whose teacher is rebuilt from it. Returns each rank's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    argv = ["finetune", str(tmp_path / "student.pt"), "--data", str(tmp_path / "data"), "--output", str(output),
+            "--steps", "5", "--checkpoint-every", "2", *SMALL, *extra]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["afconvert.cli.finetune", "timm"])
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="forkserver", monitor_interval=0.05)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        return elastic_launch(config, _finetune_worker)(env or {}, argv)
+    except ChildFailedError as exc:
+        return {rank: failure.exitcode for rank, failure in exc.failures.items()}
+    finally:
+        for s, h in handlers.items():       # the agent installs its own; give pytest's back
+            signal.signal(s, h)
 
 
-def test_torchrun_killed_then_resumed_ends_in_the_same_state(data, tmp_path):
+def test_torchrun_killed_then_resumed_ends_in_the_same_state(data, tmp_path, capfd):
     (tmp_path / "data").symlink_to(data)
     afconvert.save(afconvert.build("test_convnext", pretrained=False, num_classes=3).converted, tmp_path / "student.pt")
-    whole = _torchrun(tmp_path, tmp_path / "whole", port=29531)            # the two runs side by side
-    killed = _torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"}, port=29532)
-    rc, _, err = _wait(whole)
-    assert rc == 0, err[-2000:]
-    assert _wait(killed)[0] != 0                                    # killed after step 3 ...
+    assert _torchrun(tmp_path, tmp_path / "whole") == {0: 0, 1: 0}
+    assert set(_torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"}).values()) == {17}  # killed after step 3 ...
     saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and not (tmp_path / "killed" / "final.pt").exists()   # ... last checkpoint: step 2
-    rc, out, err = _wait(_torchrun(tmp_path, tmp_path / "killed", "--resume", port=29533))
-    assert rc == 0, err[-2000:]
+    capfd.readouterr()
+    assert _torchrun(tmp_path, tmp_path / "killed", "--resume") == {0: 0, 1: 0}
+    out = capfd.readouterr().out
     a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "killed"))
-    assert a["step"] == b["step"] == 5
+    assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k] for k in pa)
