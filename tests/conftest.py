@@ -27,9 +27,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> tor
     return model
 
 
-def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0, gain: float = 1.0) -> torch.nn.Module:
-    """Set every BatchNorm's running statistics to those of random inputs (a data-dependent init), so
-    random-weight networks have input-dependent logits, and multiply its scale by ``gain``."""
+def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0, gain: float = 1.0,
+                     batches: int = 2) -> torch.nn.Module:
+    """Set every BatchNorm's running statistics to those of ``batches`` batches of 4 random inputs (a
+    data-dependent init), so random-weight networks have input-dependent logits, and multiply its scale by
+    ``gain``."""
     from afconvert.converter.certify import random_input
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
@@ -37,7 +39,7 @@ def calibrate_norms_(model: torch.nn.Module, input_size=(64, 64), seed: int = 0,
         bn.momentum = None  # cumulative average
     model.train()
     with torch.no_grad():
-        for i in range(2):
+        for i in range(batches):
             model(random_input(4, 3, input_size, seed=seed + i))
     with torch.no_grad():
         for bn in bns:
