@@ -49,6 +49,10 @@ def _finetune_worker(env: dict, argv: list) -> int:
     return main(argv)
 
 
+def _too_long(signum, frame):
+    raise TimeoutError("the 2-process fine-tuning run took over 300 s")
+
+
 def _torchrun(tmp_path, output, *extra, env=None):
     """A 2-process run through torchrun's own launcher (elastic agent, c10d rendezvous on a free port, gloo),
     its workers forked from one fork server that imported afconvert's training stack once for all runs (three
@@ -61,12 +65,16 @@ def _torchrun(tmp_path, output, *extra, env=None):
     multiprocessing.get_context("forkserver").set_forkserver_preload(["afconvert.cli.finetune", "timm"])
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, start_method="forkserver", monitor_interval=0.05)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                                                  signal.SIGALRM)}
+    signal.signal(signal.SIGALRM, _too_long)
+    signal.alarm(300)           # a hung run fails the test (the agent then stops its workers)
     try:
         return elastic_launch(config, _finetune_worker)(env or {}, argv)
     except ChildFailedError as exc:
         return {rank: failure.exitcode for rank, failure in exc.failures.items()}
     finally:
+        signal.alarm(0)
         for s, h in handlers.items():       # the agent installs its own; give pytest's back
             signal.signal(s, h)
 
