@@ -16,10 +16,13 @@ GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a 
   layers compute in float32 inside it (``promote_half``); float16 uses a ``GradScaler``.
 * Checkpoints: ``OUTPUT/last.pt`` every ``--checkpoint-every`` steps, written atomically, holding the
   model, optimizer, scheduler, EMA, grad scaler, step and every rank's RNG (the first one as soon as
-  the run starts, the next after reconstruction); ``--resume`` continues from it and loses
-  at most the steps since. ``OUTPUT/teacher.pt`` (the teacher's weights, the same on every process and
-  after a resume), ``OUTPUT/log.csv`` (one row per step), ``OUTPUT/curves.png`` (loss and agreement with
-  the teacher), ``OUTPUT/final.pt`` (an afconvert checkpoint: ``afconvert.load``).
+  the run starts, the next after reconstruction); ``--resume`` continues from it and loses at most
+  the steps since. Under ``torchrun --max-restarts N`` the restarted workers of the same launch resume
+  from it by themselves (the checkpoint names its launch: rank 0's host, launcher pid and rendezvous
+  id; another launch's run in ``--output`` is still refused). ``OUTPUT/teacher.pt`` (the teacher's
+  weights, the same on every process and after a resume), ``OUTPUT/log.csv`` (one row per step),
+  ``OUTPUT/curves.png`` (loss and agreement with the teacher), ``OUTPUT/final.pt`` (an afconvert
+  checkpoint: ``afconvert.load``).
 * Training changes only weights: every layer keeps its class, so the certificate still holds; the final
   report re-runs it, numerics included.
 """
@@ -31,6 +34,7 @@ import io
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -115,7 +119,12 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # torchrun's env:// store, its keys under this attempt's prefix: the workers that torchrun
+        # (--max-restarts) restarts share the store of the attempt before, whose stale addresses would
+        # otherwise be read as theirs (gloo: "connectFullMesh failed ... Connection refused")
+        store, rank, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"afconvert/attempt_{_restart_count()}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -183,14 +192,31 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def _check_output(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None; refuse to overwrite another run."""
+def _restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this launch's workers; 0 outside it."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _launch_id(world: int) -> str:
+    """Names this launch, the same in each restart of its workers and different for another launch: rank
+    0's host, its launcher's pid (torchrun's agent is the workers' parent) and the rendezvous id."""
+    launch = [f"{socket.gethostname()}:{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"]
+    if world > 1:
+        dist.broadcast_object_list(launch, src=0)
+    return launch[0]
+
+
+def _check_output(out: Path, resume: bool, launch: str = "") -> Path | None:
+    """The checkpoint to resume from, or None; refuse to overwrite another run. A restarted worker
+    (``_restart_count() > 0``) resumes its own launch's checkpoint without ``--resume``."""
     last = out / "last.pt"
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output {out} is a file; fix: give a folder")
     if resume:
         if not last.is_file():
             raise FinetuneError(f"--resume: no checkpoint {last}; fix: drop --resume to start a new run")
+        return last
+    if _restart_count() and last.is_file() and _read_state(last).get("launch") == launch:
         return last
     if out.is_dir() and any((out / n).exists() for n in ("last.pt", "log.csv", "final.pt", "teacher.pt")):
         raise FinetuneError(f"--output {out} holds another run; fix: --resume to continue it, or choose another "
@@ -257,7 +283,8 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     summary {"steps", "final", "verdict", ...}. Rank 0 writes every output."""
     rank, world, device = _distributed(cfg.device)
     out = Path(cfg.output)
-    resume_from = _check_output(out, cfg.resume)
+    launch = _launch_id(world)
+    resume_from = _check_output(out, cfg.resume, launch)
     samples, folders = training_samples(cfg.data)
     from timm.data import Mixup, create_transform
     dcfg = data_config(student)
@@ -320,7 +347,8 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
         if (out / "log.csv").is_file():
             with open(out / "log.csv", newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        log(f"resumed {resume_from} at step {step}")
+        restarted = f" (torchrun restart {_restart_count()})" if not cfg.resume else ""
+        log(f"resumed {resume_from} at step {step}{restarted}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if rows:
@@ -333,8 +361,8 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
         else:
             rng = [_rng_state()]
         if rank == 0:
-            state = {"format": TRAIN_FORMAT, "step": step, "world_size": world, "config": asdict(cfg),
-                     "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"format": TRAIN_FORMAT, "step": step, "world_size": world, "launch": launch,
+                     "config": asdict(cfg), "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "reconstructed": reconstructed, "rng": rng}
@@ -359,7 +387,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, leave=False,
                disable=rank != 0 or not cfg.progress)
-    skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0"))
+    skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0")) if not _restart_count() else 0
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)

@@ -14,7 +14,7 @@ from PIL import Image
 import afconvert
 from afconvert.cli import main
 from afconvert.train.distill import agreement, kd_loss
-from afconvert.train.finetune import KILL_ENV, FinetuneConfig, finetune
+from afconvert.train.finetune import KILL_ENV, TRAIN_FORMAT, FinetuneConfig, finetune
 
 MODEL = ["test_convnext", "--no-pretrained", "--num-classes", "3"]
 SMALL = ["--batch-size", "2", "--input-size", "32", "32", "--no-progress", "--aa", ""]
@@ -53,7 +53,7 @@ def _too_long(signum, frame):
     raise TimeoutError("the 2-process fine-tuning run took over 300 s")
 
 
-def _torchrun(tmp_path, output, *extra, env=None):
+def _torchrun(tmp_path, output, *extra, env=None, max_restarts=0):
     """A 2-process run through torchrun's own launcher (elastic agent, c10d rendezvous on a free port, gloo),
     its workers forked from one fork server that imported afconvert's training stack once for all runs (three
     torchrun commands would start nine interpreters that each import torch and timm); every run starts from
@@ -64,7 +64,7 @@ def _torchrun(tmp_path, output, *extra, env=None):
             "--steps", "5", "--checkpoint-every", "2", *SMALL, *extra]
     multiprocessing.get_context("forkserver").set_forkserver_preload(["afconvert.cli.finetune", "timm"])
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="forkserver", monitor_interval=0.05)
+                          rdzv_endpoint="localhost:0", max_restarts=max_restarts, start_method="forkserver", monitor_interval=0.05)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                                                   signal.SIGALRM)}
     signal.signal(signal.SIGALRM, _too_long)
@@ -89,14 +89,19 @@ def test_torchrun_killed_then_resumed_ends_in_the_same_state(data, tmp_path, cap
     capfd.readouterr()
     assert _torchrun(tmp_path, tmp_path / "killed", "--resume") == {0: 0, 1: 0}
     out = capfd.readouterr().out
-    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "killed"))
-    assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 2
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k] for k in pa)
-    assert a["scheduler"] == b["scheduler"]
-    log = (tmp_path / "killed" / "log.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4, 5]   # step 3 redone once, not logged twice
+    # torchrun --max-restarts 1: the restarted workers resume by themselves (starting afresh, they would
+    # refuse the folder and return 2)
+    assert _torchrun(tmp_path, tmp_path / "restarted", env={KILL_ENV: "3"}, max_restarts=1) == {0: 0, 1: 0}
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    for run in ("killed", "restarted"):
+        b = torch.load(tmp_path / run / "last.pt", weights_only=True)
+        assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 2
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert all(torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k] for k in pa)
+        assert a["scheduler"] == b["scheduler"]
+        log = (tmp_path / run / "log.csv").read_text().splitlines()
+        assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4, 5]   # step 3 redone once, not logged twice
     model = afconvert.load(tmp_path / "killed" / "final.pt")
     assert "certified" in out and afconvert.audit(model, check=False).verdict.value == "exact"
 
@@ -126,12 +131,13 @@ def test_trains_keeps_certificate_and_skips_unreadable_images(data, tmp_path):
     ("missing", "no images"),
     ("empty", "no images"),
     ("other_run", "holds another run; fix: --resume"),
+    ("restart_other_launch", "holds another run; fix: --resume"),
     ("no_checkpoint", "--resume: no checkpoint"),
     ("corrupt", "--resume: cannot read"),
     ("foreign", "is not an afconvert fine-tuning checkpoint"),
     ("classes", "the student has 3 classes, the teacher 5"),
 ])
-def test_bad_inputs_are_one_line_and_lose_nothing(case, message, data, tmp_path, capsys):
+def test_bad_inputs_are_one_line_and_lose_nothing(case, message, data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["finetune", *MODEL, "--data", str(data), "--output", str(out), "--steps", "1", *SMALL]
     if case == "missing":
@@ -142,6 +148,10 @@ def test_bad_inputs_are_one_line_and_lose_nothing(case, message, data, tmp_path,
     elif case == "other_run":
         out.mkdir()
         (out / "log.csv").write_text("step\n1\n")
+    elif case == "restart_other_launch":   # a torchrun restart resumes its own launch's run only
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        out.mkdir()
+        torch.save({"format": TRAIN_FORMAT, "step": 1, "launch": "elsewhere:1:other"}, out / "last.pt")
     elif case == "no_checkpoint":
         argv.append("--resume")
     elif case in ("corrupt", "foreign"):
