@@ -54,7 +54,7 @@ class AFTracer(fx.Tracer):
     def _name_of(self, t: torch.Tensor) -> str | None:
         """The qualified name of a parameter (or, for other tensors, a buffer) of the root, or None.
         fx finds it by a linear search of ``named_parameters()`` / ``named_buffers()`` at every use
-        (quadratic in the model's size: most of the time to trace a DenseNet); here a map, once per trace."""
+        (quadratic in the model's size: half the time to trace a DenseNet); here a map, once per trace."""
         if self._names is None:
             self._names = tuple({} for _ in range(2))
             for names, items in zip(self._names, (self.root.named_parameters(), self.root.named_buffers())):
@@ -64,7 +64,8 @@ class AFTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         """fx's own semantics: a proxy per parameter (and buffer), cached; looked up by ``_name_of``."""
-        wanted = isinstance(attr_val, nn.Parameter) or (self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor))
+        wanted = isinstance(attr_val, nn.Parameter) or (self.proxy_buffer_attributes
+                                                         and isinstance(attr_val, torch.Tensor))
         name = self._name_of(attr_val) if wanted else None
         if name is None:
             return attr_val

@@ -37,7 +37,8 @@ def _graph(tracer: AFTracer, model: nn.Module) -> list[tuple]:
 
 
 @pytest.mark.parametrize("model", [Shared(), timm.create_model("test_convnext"),
-                                   timm.create_model("densenet121", num_classes=3)], ids=["shared", "convnext", "densenet"])
+                                   timm.create_model("densenet121", num_classes=3)],
+                         ids=["shared", "convnext", "densenet"])
 def test_lookup_builds_fx_graph(model):
     ours = _graph(AFTracer(), model)
     assert ours == _graph(_FxLookup(), model)

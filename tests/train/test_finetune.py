@@ -55,16 +55,18 @@ def _too_long(signum, frame):
 
 def _torchrun(tmp_path, output, *extra, env=None, max_restarts=0):
     """A 2-process run through torchrun's own launcher (elastic agent, c10d rendezvous on a free port, gloo),
-    its workers forked from one fork server that imported afconvert's training stack once for all runs (three
-    torchrun commands would start nine interpreters that each import torch and timm); every run starts from
-    the same student checkpoint, whose teacher is rebuilt from it. Returns each rank's exit code."""
+    its workers forked from one fork server that imported afconvert's training stack once for all runs (each
+    torchrun command starts three interpreters that each import torch and timm); every run starts from the
+    same student checkpoint, whose teacher is rebuilt from it. Returns each rank's code: what ``main``
+    returned, or a failed worker's exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     argv = ["finetune", str(tmp_path / "student.pt"), "--data", str(tmp_path / "data"), "--output", str(output),
             "--steps", "5", "--checkpoint-every", "2", *SMALL, *extra]
     multiprocessing.get_context("forkserver").set_forkserver_preload(["afconvert.cli.finetune", "timm"])
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=max_restarts, start_method="forkserver", monitor_interval=0.05)
+                          rdzv_endpoint="localhost:0", max_restarts=max_restarts, start_method="forkserver",
+                          monitor_interval=0.05)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                                                   signal.SIGALRM)}
     signal.signal(signal.SIGALRM, _too_long)
@@ -79,11 +81,12 @@ def _torchrun(tmp_path, output, *extra, env=None, max_restarts=0):
             signal.signal(s, h)
 
 
-def test_torchrun_killed_then_resumed_ends_in_the_same_state(data, tmp_path, capfd):
+def test_torchrun_killed_then_resumed_or_restarted_ends_in_the_same_state(data, tmp_path, capfd):
     (tmp_path / "data").symlink_to(data)
     afconvert.save(afconvert.build("test_convnext", pretrained=False, num_classes=3).converted, tmp_path / "student.pt")
     assert _torchrun(tmp_path, tmp_path / "whole") == {0: 0, 1: 0}
-    assert set(_torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"}).values()) == {17}  # killed after step 3 ...
+    killed = _torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"})
+    assert set(killed.values()) == {17}                                             # killed after step 3 ...
     saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and not (tmp_path / "killed" / "final.pt").exists()   # ... last checkpoint: step 2
     capfd.readouterr()
