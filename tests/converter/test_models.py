@@ -24,7 +24,9 @@ SIZES = [(64, 64), (224, 224), (97, 161)]   # 64 and 224: the report's own measu
 LOGIT_BOUND = 1e4
 
 
-@pytest.fixture(scope="module", params=MODELS)
+# xdist_group: one worker runs all of a model's tests (pytest --dist loadgroup), so no two workers build the
+# same model's fixtures
+@pytest.fixture(scope="module", params=[pytest.param(m, id=m, marks=pytest.mark.xdist_group(m)) for m in MODELS])
 def converted(request):
     """(name, source, converted): the source with its default initialisation, converted with `afc`."""
     source, _ = create_source_model(request.param, pretrained=False, num_classes=10)
@@ -67,25 +69,34 @@ def test_more_families_finite_and_bounded(name):
     assert len(worst) == 2 and "64x64" in worst and max(worst.values()) < LOGIT_BOUND, worst
 
 
+@pytest.fixture(scope="module")
+def float64(pair):
+    """(x, the converted model in float64, its logits on x): two random images at CHECK, for both checks."""
+    x = random_input(2, 3, CHECK, torch.float64)
+    f64 = copy.deepcopy(pair[2]).double()
+    with torch.no_grad():
+        return x, f64, f64(x)
+
+
 @torch.no_grad()
-def shift_change(model, x, shifts=SHIFTS) -> float:
-    """max |f(shift x) - f(x)|, in units of how much the logits vary between the batch's images."""
-    y0 = model(x)
+def shift_change(model, x, shifts=SHIFTS, y0=None) -> float:
+    """max |f(shift x) - f(x)|, in units of how much the logits vary between the batch's images
+    (``y0``: f(x), if known)."""
+    y0 = model(x) if y0 is None else y0
     return max(float((model(fractional_shift(x, *s)) - y0).abs().max() / y0.std(0).mean()) for s in shifts)
 
 
-def test_certified_and_invariant(pair):
+def test_certified_and_invariant(pair, float64):
     name, source, converted = pair
     report = converted.afconvert_report
     assert report.verdict is Verdict.EXACT, report.verdict_text
-    x = random_input(2, 3, CHECK, torch.float64)
-    f64 = copy.deepcopy(converted).double()
-    assert shift_change(f64, x) < 1e-10
+    x, f64, y64 = float64
+    assert shift_change(f64, x, y0=y64) < 1e-10
     # the very same check fails before conversion (already on an integer and a half-pixel shift)
     assert shift_change(copy.deepcopy(source).double(), x, SHIFTS[::2][:2]) > 1e-1
 
 
-def test_float32_residual_is_rounding_not_aliasing(pair):
+def test_float32_residual_is_rounding_not_aliasing(pair, float64):
     """In float32 the converted logits move under fractional shifts by rounding alone: no more than float32
     itself moves them on integer-rolled copies of the image (the very same logits in exact arithmetic: the
     float64 check above certifies it), where rounding is all that differs (summation orders).
@@ -95,18 +106,16 @@ def test_float32_residual_is_rounding_not_aliasing(pair):
     float32 cannot resolve a shift check there (the float64 check does), so for those (rounding above
     1e-3), where 4x rounding is exceeded, the bound is a tenth of what the same shifts do to the
     unconverted model."""
-    name, source, converted = pair
-    x = random_input(2, 3, CHECK, torch.float64)
-    f32, f64 = copy.deepcopy(converted).float(), copy.deepcopy(converted).double()
+    name, source, f32 = pair            # float32 models
+    x, _, y64 = float64
     with torch.no_grad():
-        y64 = f64(x)
-        rounding = max(float((f32(torch.roll(x, s, (2, 3)).float()).double() - y64).abs().max() / y64.std(0).mean())
-                       for s in [(0, 0), *SHIFTS[:2]])
-    change = shift_change(f32, x.float(), SHIFTS[2:4])
+        y32 = {s: f32(torch.roll(x, s, (2, 3)).float()) for s in [(0, 0), *SHIFTS[:2]]}
+    rounding = max(float((y.double() - y64).abs().max() / y64.std(0).mean()) for y in y32.values())
+    change = shift_change(f32, x.float(), SHIFTS[2:4], y0=y32[(0, 0)])
     if rounding <= 1e-3 or change < 4 * rounding:
         assert change < max(4 * rounding, 1e-5), (change, rounding)
     else:
-        aliasing = shift_change(copy.deepcopy(source).float(), x.float(), SHIFTS[2:4])
+        aliasing = shift_change(source, x.float(), SHIFTS[2:4])
         assert change < 0.1 * aliasing, (change, rounding, aliasing)
 
 
