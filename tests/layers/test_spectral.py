@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afconvert.layers.spectral import (
+    MATMUL_MAX_SIZE,
     fractional_shift,
     ideal_downsample,
     ideal_lowpass,
@@ -179,19 +180,22 @@ def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
 
 
 def test_method_choice_auto_and_forced():
-    """auto: float32 maps take the matmul form, float64 (certificates) the FFT form, bit for bit;
-    resample_method forces one form inside its block only; an unknown name is refused."""
+    """auto: float32 and float64 maps up to MATMUL_MAX_SIZE take the matmul form, larger ones the FFT form,
+    bit for bit; resample_method forces one form inside its block only; an unknown name is refused."""
     x64 = _x(10, 14, seed=2)
     x32 = x64.float()
     assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="matmul"))
-    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
+    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
+    big = _x(4, MATMUL_MAX_SIZE + 1, seed=3)
+    assert torch.equal(ideal_resample(big, (4, 300)), ideal_resample(big, (4, 300), method="fft"))
     assert torch.equal(zero_nyquist(x32), zero_nyquist(x32, method="matmul"))
     with resample_method("matmul"):
         assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
         assert torch.equal(ideal_lowpass(x64, 0.5), ideal_lowpass(x64, 0.5, method="matmul"))
     with resample_method("fft"):
         assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="fft"))
-    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
+        assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
+    assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
     with pytest.raises(ValueError, match="auto, fft, matmul"):
         with resample_method("fast"):
             pass
