@@ -183,7 +183,10 @@ def _teacher_weights(tmp_path: Path) -> Path:
 
 def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
     """Two accumulated batches of 2 make the same update as one batch of 4 (the same 4 images, augmented
-    alike: each sample's augmentation is seeded by its index)."""
+    alike: each sample's augmentation is seeded by its index). The weights are seeded, so the float32
+    rounding compared below does not depend on which tests ran before in the worker (over 46 seeds the
+    largest difference measured 3e-5 to 8e-5 of the step; one unseeded suite run drew 7e-4)."""
+    torch.manual_seed(0)
     student, teacher = _pair()
     runs = {}
     for name, bs, accum in (("big", 4, 1), ("accum", 2, 2)):
