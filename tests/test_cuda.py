@@ -43,6 +43,8 @@ def test_auto_takes_matmul_unless_tf32_is_allowed():
     torch.set_float32_matmul_precision("high")
     try:
         assert torch.equal(ideal_resample(x, (24, 20)), ideal_resample(x, (24, 20), method="fft"))
+        x64 = x.double()        # TF32 concerns float32 products only
+        assert torch.equal(ideal_resample(x64, (24, 20)), ideal_resample(x64, (24, 20), method="matmul"))
     finally:
         torch.set_float32_matmul_precision(old)
 
