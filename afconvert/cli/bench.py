@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="a training step (forward + backward) instead of inference")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per model, at least")
     p.add_argument("--resample", default="auto", choices=("auto", "fft", "matmul"),
-                   help="form of the ideal resampling and filters: auto (matmul for float32 maps up to 512 px, "
-                        "unless on CUDA with TF32 allowed; else FFT), fft or matmul (default auto)")
+                   help="form of the ideal resampling and filters: auto (matmul for float32 and float64 maps up to "
+                        "512 px, except float32 on CUDA with TF32 allowed; else FFT), fft or matmul (default auto)")
     p.add_argument("--compile", action="store_true", help="time both models through torch.compile")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="both models under autocast (the converted model's FFT, polynomial and norm layers keep "

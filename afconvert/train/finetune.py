@@ -206,18 +206,21 @@ def _launch_id(world: int) -> str:
     return launch[0]
 
 
-def _check_output(out: Path, resume: bool, launch: str = "") -> Path | None:
-    """The checkpoint to resume from, or None; refuse to overwrite another run. A restarted worker
-    (``_restart_count() > 0``) resumes its own launch's checkpoint without ``--resume``."""
+def _resume_state(out: Path, resume: bool, launch: str = "") -> dict | None:
+    """The state of the checkpoint to resume from (``out/last.pt``), or None; refuse to overwrite another
+    run. A restarted worker (``_restart_count() > 0``) resumes its own launch's checkpoint without
+    ``--resume``."""
     last = out / "last.pt"
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output {out} is a file; fix: give a folder")
     if resume:
         if not last.is_file():
             raise FinetuneError(f"--resume: no checkpoint {last}; fix: drop --resume to start a new run")
-        return last
-    if _restart_count() and last.is_file() and _read_state(last).get("launch") == launch:
-        return last
+        return _read_state(last)
+    if _restart_count() and last.is_file():
+        state = _read_state(last)
+        if state.get("launch") == launch:
+            return state
     if out.is_dir() and any((out / n).exists() for n in ("last.pt", "log.csv", "final.pt", "teacher.pt")):
         raise FinetuneError(f"--output {out} holds another run; fix: --resume to continue it, or choose another "
                             f"--output")
@@ -284,7 +287,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     rank, world, device = _distributed(cfg.device)
     out = Path(cfg.output)
     launch = _launch_id(world)
-    resume_from = _check_output(out, cfg.resume, launch)
+    state = _resume_state(out, cfg.resume, launch)
     samples, folders = training_samples(cfg.data)
     from timm.data import Mixup, create_transform
     dcfg = data_config(student)
@@ -318,7 +321,6 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=k_s) \
         if cfg.mixup or cfg.cutmix else None
 
-    state = _read_state(resume_from) if resume_from is not None else None
     if state is not None and state["world_size"] != world:
         raise FinetuneError(f"--resume: the run used {state['world_size']} process(es), this one {world}; fix: "
                             f"resume with --nproc_per_node={state['world_size']}")
@@ -348,7 +350,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
             with open(out / "log.csv", newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
         restarted = f" (torchrun restart {_restart_count()})" if not cfg.resume else ""
-        log(f"resumed {resume_from} at step {step}{restarted}")
+        log(f"resumed {out / 'last.pt'} at step {step}{restarted}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if rows:
