@@ -12,7 +12,8 @@ for nothing but polynomials, so the converted network needs fine-tuning). Activa
 constant tensors (after global pooling, squeeze-excite gates) are already shift-invariant: kept.
 
 ``normalize = "channel"`` (recipe ``afc``) makes each polynomial scale-equivariant, y = s q(x / s)
-with s the per-sample, per-channel L4 norm of its input map (``l4_scale``): like ReLU, its output scales linearly
+with s a per-sample, per-channel norm of its input map (``scale``: the in-band scale by default, see
+``afconvert.layers.quadratic``; or ``l4_scale`` on the 2x grid): like ReLU, its output scales linearly
 with its input, so stacks of them stay bounded at every input size and scale (a plain quadratic
 squares the scale at each layer, and deep BatchNorm networks overflow).
 """
@@ -30,6 +31,7 @@ from afconvert.converter.passes import linear_neighbours
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
 from afconvert.layers.poly import (
     NORMALIZE,
+    SCALES,
     AliasFreePolyActivation,
     LowpassPolyActivation,
     PolyActivation,
@@ -53,7 +55,14 @@ class Options(rule.Options):
     out_scale: float = 1.0
     train_scale: bool = False
     normalize: str = field(default="channel", metadata={"choices": NORMALIZE})  # scale-equivariant: s q(x / s)
+    scale: str = field(default="inband", metadata={"choices": SCALES})  # s: "inband" (energy of the band-limited
+                                            # square, no 2x map: the fast form) or "l4" (L4 norm on the 2x grid)
     fuse_linear: bool = False               # fc1 -> act -> fc2: up-sample before fc1, down-sample after fc2
+
+    def __post_init__(self):
+        if self.fuse_linear and self.normalize != "none" and self.scale != "l4":
+            raise ValueError(f"fuse_linear runs the polynomial on the 2x grid, where its scale is the L4 norm; "
+                             f"fix: scale = \"l4\" (or fuse_linear = false), not '{self.scale}'")
 
 
 ACTIVATIONS = (
@@ -130,7 +139,7 @@ def _poly(site: Site, options: Options) -> nn.Module | None:
     return AliasFreePolyActivation.fitted(
         fn, channels, options.degree, options.fit_range, in_scale=options.in_scale, out_scale=options.out_scale,
         train_scale=options.train_scale, channel_dim=x.channel_dim, normalize=options.normalize,
-        spatial_dims=x.spatial_dims, fit=site.stats)  # measured on calibration data: a per-channel fit
+        spatial_dims=x.spatial_dims, scale=options.scale, fit=site.stats)  # measured on calibration data: a per-channel fit
 
 
 def _measure(site: Site, options: Options) -> PolyFit | None:
@@ -139,7 +148,7 @@ def _measure(site: Site, options: Options) -> PolyFit | None:
         return None
     x = site.x
     return PolyFit(options.degree, x.channel_dim, scale_dims(options.normalize, x.spatial_dims, x.channel_dim),
-                   shared=site.calls > 1)
+                   shared=site.calls > 1, scale=options.scale, spatial_dims=x.spatial_dims)
 
 
 RULES = [

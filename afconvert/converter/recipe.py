@@ -122,7 +122,10 @@ def _build(cls: type, values: dict, where: str, base=None):
         if key not in fields:
             raise RecipeError(f"recipe {where}: unknown option '{key}': {_close(key, fields)}")
         checked[key] = _check_value(where, key, value, hints[key], fields[key])
-    return dataclasses.replace(base, **checked) if base is not None else cls(**checked)
+    try:
+        return dataclasses.replace(base, **checked) if base is not None else cls(**checked)
+    except ValueError as exc:   # an options class's own check of how its options combine (__post_init__)
+        raise RecipeError(f"recipe {where}: {exc}") from None
 
 
 def _plain(obj):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afconvert.layers.spectral import ideal_downsample, zero_nyquist
+from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
 __all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
            "conv_output_size"]
@@ -150,17 +150,51 @@ class SampledConv2d(CircularConv2d):
         return super().extra_repr() + f", {self.sampler}_down={self.down}{extra}"
 
 
+def _resample_macs(channels: int, n_in: Sequence[int], n_out: Sequence[int]) -> int:
+    """Multiply-adds of the separable matmul form of ``ideal_resample`` on one image (first dim, then second)."""
+    return channels * (n_out[0] * n_in[0] * n_in[1] + n_out[0] * n_in[1] * n_out[1])
+
+
 class AliasFreeConv2d(SampledConv2d):
     """A stride-s convolution made alias-free: stride-1 circular conv, then ideal down-sampling.
 
     y = D_s(w (*) x), where (*) is circular convolution and D_s keeps the bins |k| < n/2 of the
-    output size n (the source layer's own output size) and resamples.
+    output size n (the source layer's own output size) and resamples. Computed in whichever of two
+    equal forms costs fewer multiply-adds (the choice depends on sizes only):
+
+    * as written: the stride-1 conv (s^2 times the strided conv's work), then D_s on its output;
+    * low-pass first, when H, W are the stride times the output size: D_s(w (*) x) = (w (*) LP(x))[::s],
+      LP keeping the output's band (|k| < n/2, as D_s does; computed as ``ideal_resample`` to n and back),
+      so the *strided* conv runs on the low-passed input. A 1x1 conv commutes with D_s: D_s, then the conv.
     """
 
     sampler = "ideal"
 
     def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
         return ideal_downsample(y, self.down, size=size)
+
+    def _lowpass_first(self, h: int, w: int, size: tuple[int, int]) -> bool:
+        """True when the strided form applies (no full-rate ``pre_down``, sizes divisible) and costs less."""
+        if "pre_down" in self._modules or (h, w) != (size[0] * self.down[0], size[1] * self.down[1]):
+            return False
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        conv = self.in_channels // self.groups * self.out_channels * taps * h * w
+        lowpass = _resample_macs(self.in_channels, (h, w), size) + _resample_macs(self.in_channels, size, (h, w))
+        after = conv + _resample_macs(self.out_channels, (h, w), size)
+        return lowpass + conv // (self.down[0] * self.down[1]) < after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        size = self.output_size(h, w)
+        pointwise = self.kernel_size == (1, 1) and "pre_down" not in self._modules
+        if pointwise or self._lowpass_first(h, w, size):
+            if self.input_filter and 1 in self.down:   # else the low-pass below removes the Nyquist bins too
+                x = zero_nyquist(x)
+            x = ideal_resample(x, size)
+            if not pointwise:
+                x = circular_pad(ideal_resample(x, (h, w)), self.pad)
+            return F.conv2d(x, self.weight, self.bias, 1 if pointwise else self.down, 0, self.dilation, self.groups)
+        return super().forward(x)
 
 
 def _symmetric_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:

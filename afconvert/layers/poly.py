@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.layers.quadratic import band_limited_quadratic, channel_view, inband_scale
 from afconvert.layers.spectral import as_dtype, ideal_lowpass, ideal_resample, ideal_upsample, promote_half
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 NORMALIZE = ("none", "channel", "sample")
+SCALES = ("inband", "l4")     # the scale of a scale-equivariant alias-free polynomial (AliasFreePolyActivation)
 
 
 def upsampling_factor(degree: int) -> int:
@@ -113,18 +115,19 @@ def scale_dims(normalize: str, spatial_dims: Sequence[int], channel_dim: int) ->
 class PolyFit:
     """Least-squares fit of a polynomial activation to a source activation ``f`` on measured inputs.
 
-    Accumulates, over every observed element x (with its scale s, ``l4_scale`` over ``scale_dims``;
-    measured at the source's rate, an approximation of the converted layer's), the normal equations of
-    min_a sum (sum_k a_k s^(1-k) x^k - f(x))^2, i.e. of s q(x / s) ~ f(x) (s = 1 when the
-    polynomial is not scale-equivariant). Only sums are kept: (C, d+1, d+1) and (C, d+1), so every
-    sample counts, tails included, at no memory cost. ``solve`` adds a small ridge towards a prior
-    fit (channels with little or degenerate data keep the prior).
+    Accumulates, over every observed element x (with its scale s over ``scale_dims``: the in-band scale over
+    ``spatial_dims`` for ``scale="inband"``, else ``l4_scale``; measured at the source's rate, an approximation
+    of the converted layer's), the normal equations of min_a sum (sum_k a_k s^(1-k) x^k - f(x))^2, i.e. of
+    s q(x / s) ~ f(x) (s = 1 when the polynomial is not scale-equivariant). Only sums are kept: (C, d+1, d+1)
+    and (C, d+1), so every sample counts, tails included, at no memory cost. ``solve`` adds a small ridge
+    towards a prior fit (channels with little or degenerate data keep the prior).
     """
 
     def __init__(self, degree: int, channel_dim: int, scale_dims: Sequence[int] | None = None,
-                 shared: bool = False, eps: float = 1e-6):
+                 shared: bool = False, eps: float = 1e-6, scale: str = "l4", spatial_dims: Sequence[int] = (2, 3)):
         self.degree, self.channel_dim, self.shared, self.eps = degree, channel_dim, shared, eps
         self.scale_dims = None if scale_dims is None else tuple(scale_dims)
+        self.scale, self.spatial_dims = scale, tuple(spatial_dims)
         self.gram: torch.Tensor | None = None
         self.rhs: torch.Tensor | None = None
         self.count = 0
@@ -137,7 +140,12 @@ class PolyFit:
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One batch: the activation's input ``x`` and its output ``y = f(x)`` (same shape)."""
         x, y = x.detach().double(), y.detach().double()
-        s = l4_scale(x, self.scale_dims, self.eps) if self.scale_dims is not None else torch.ones_like(x)
+        if self.scale_dims is None:
+            s = torch.ones_like(x)
+        elif self.scale == "inband":
+            s = inband_scale(x, self.spatial_dims, self.scale_dims, self.eps)
+        else:
+            s = l4_scale(x, self.scale_dims, self.eps)
         feats = torch.stack([x ** k * s.expand_as(x) ** (1 - k) for k in range(self.degree + 1)], dim=-1)
         if self.shared:
             feats, y = feats.reshape(1, -1, self.degree + 1), y.reshape(1, -1)
@@ -158,12 +166,6 @@ class PolyFit:
         a = a.squeeze(-1)
         bad = ~torch.isfinite(a).all(dim=1)
         return torch.where(bad[:, None], prior, a)
-
-
-def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[channel_dim] = v.numel()
-    return v.reshape(shape)
 
 
 class PolyActivation(_InitialisedByConversion):
@@ -234,17 +236,18 @@ class PolyActivation(_InitialisedByConversion):
         powers = as_dtype(self.in_scale, dtype) ** torch.arange(self.degree + 1, device=self.coef.device, dtype=dtype)
         return as_dtype(self.coef, dtype) * powers * as_dtype(self.out_scale, dtype)
 
-    def polynomial(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising (s over all of
-        x's spatial dims: call it on the map the polynomial runs on). Horner's rule, one fused multiply-add
-        pass per degree (no power of x is formed: nothing overflows); when no gradient is recorded, in the
+    def polynomial(self, x: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising (``s`` when given,
+        else the L4 scale over all of x's spatial dims: call it on the map the polynomial runs on). Horner's rule,
+        one fused multiply-add pass per degree (no power of x is formed: nothing overflows); when no gradient is recorded, in the
         scale's scratch buffer, in place (a fresh large map costs more than a pass: page faults)."""
         a = self.effective_coef(x.dtype)
         dims = self.scale_dims
-        coef = [_channel_view(a[:, k], x.ndim, self.channel_dim) for k in range(self.degree + 1)]
+        coef = [channel_view(a[:, k], x.ndim, self.channel_dim) for k in range(self.degree + 1)]
         scratch = None
         if dims is not None:
-            s, scratch = _l4_with_scratch(x, dims, self.eps)
+            if s is None:
+                s, scratch = _l4_with_scratch(x, dims, self.eps)
             coef = [c * s if k == 0 else c if k == 1 else c / s if k == 2 else c * s ** (1 - k)
                     for k, c in enumerate(coef)]
         if torch.is_grad_enabled():
@@ -267,24 +270,47 @@ class PolyActivation(_InitialisedByConversion):
 
 class AliasFreePolyActivation(PolyActivation):
     """PolyActivation evaluated alias-free: y = D(f(U_u x)), U_u ideal up-sampling by
-    u = ceil((degree+1)/2) and D the ideal low-pass and return to the input size. With
-    ``normalize``, s is taken on U_u x, the map the polynomial sees: y = s D(f(U_u x / s)).
+    u = ceil((degree+1)/2) and D the ideal low-pass and return to the input size.
+
+    With ``normalize``, y = s D(f(U_u x / s)) with the scale ``scale``: ``"inband"``, s = (mean B(x)^2)^(1/4)
+    with B(x) = D((U x)^2) the band-limited square (``afconvert.layers.quadratic``), or ``"l4"``, the L4 norm
+    of U_u x (the form of layers saved before ``scale`` existed: the class default). Degree 2 runs in the
+    closed form of ``band_limited_quadratic`` (3/2 grid, no up-sampled map kept for backward) unless it takes
+    the L4 scale.
 
     ``spatial_dims``: the two dims of the input that are H and W (e.g. (2, 3) for NCHW,
     (1, 2) for channels-last NHWC).
     """
+
+    scale = "l4"
+
+    def __init__(self, *args, scale: str = "inband", **kwargs):
+        super().__init__(*args, **kwargs)
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got '{scale}'")
+        self.scale = scale
 
     @property
     def up(self) -> int:
         return upsampling_factor(self.degree)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, promote_half(x)
+        dims = self.scale_dims
+        if dims is None or self.scale == "inband":
+            if self.degree == 2:
+                y = band_limited_quadratic(x, self.effective_coef(x.dtype), self.spatial_dims, self.channel_dim,
+                                           dims, self.eps)
+                return as_dtype(y, dtype)
+            s = None if dims is None else inband_scale(x, self.spatial_dims, dims, self.eps)
+        else:
+            s = None
         size = [x.shape[d] for d in self.spatial_dims]
-        y = self.polynomial(ideal_upsample(promote_half(x), self.up, self.spatial_dims))
-        return as_dtype(ideal_resample(y, size, self.spatial_dims), x.dtype)
+        y = self.polynomial(ideal_upsample(x, self.up, self.spatial_dims), s)
+        return as_dtype(ideal_resample(y, size, self.spatial_dims), dtype)
 
     def extra_repr(self) -> str:
-        dims = f", spatial_dims={self.spatial_dims}" if self.normalize == "none" else ""
+        dims = f", spatial_dims={self.spatial_dims}" if self.normalize == "none" else f", scale={self.scale}"
         return super().extra_repr() + f"{dims}, up={self.up}"
 
 
@@ -308,7 +334,7 @@ class LowpassPolyActivation(PolyActivation):
         dtype, x = x.dtype, promote_half(x)
         z = x * self.in_scale.to(x.dtype)
         c = self.coef.to(x.dtype)
-        view = lambda k: _channel_view(c[:, k], x.ndim, self.channel_dim)  # noqa: E731
+        view = lambda k: channel_view(c[:, k], x.ndim, self.channel_dim)  # noqa: E731
         return ((view(0) + view(1) * z + view(2) * z * ideal_lowpass(z, self.cutoff)) * self.out_scale.to(x.dtype)
                 ).to(dtype)
 

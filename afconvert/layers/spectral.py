@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "ideal_resample",
+    "resample_adjoint",
     "ideal_downsample",
     "ideal_upsample",
     "ideal_lowpass",
@@ -275,6 +276,29 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
     y = torch.fft.irfftn(spec, s=n_out, dim=(d0, d1))
     return as_dtype(y * (n_out[0] * n_out[1] / (n_in[0] * n_in[1])), dtype)
+
+
+def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
+                     ) -> torch.Tensor:
+    """R^T g for R = ``ideal_resample`` from ``size`` to g's size along ``dims``: the gradient of that resampling
+    (g (..., n0, ..., n1, ...) -> (..., size0, ..., size1, ...)). In the form ``ideal_resample`` would take for
+    the same map: the transposed matrices, or, for the FFT form, its vector-Jacobian product."""
+    d0, d1 = _norm_dims(g, dims)
+    n_out = (g.shape[d0], g.shape[d1])
+    n_in = tuple(int(s) for s in size)
+    if n_in == n_out:
+        return g
+    rdt = _real_dtype(g)
+    if _use_matmul(g, method, n_in + n_out):
+        a0 = resample_matrix(n_in[0], n_out[0], rdt, g.device)
+        a1 = resample_matrix(n_in[1], n_out[1], rdt, g.device)
+        return as_dtype(_separable_matmul(g, a0.T, a1.T, d0, d1, n_in), g.dtype)
+    shape = list(g.shape)
+    shape[d0], shape[d1] = n_in
+    with torch.enable_grad():
+        probe = torch.zeros(shape, dtype=rdt, device=g.device, requires_grad=True)
+        out = ideal_resample(probe, n_out, (d0, d1), "fft")
+        return as_dtype(torch.autograd.grad(out, probe, as_dtype(g, rdt))[0], g.dtype)
 
 
 def ideal_downsample(x: torch.Tensor, factor: int | Sequence[int], dims: Dims = (-2, -1),

@@ -89,8 +89,11 @@ def read(path: str | Path) -> dict:
 
 def _recipe_of(ckpt: dict):
     """The saved recipe. Format afconvert/1 predates scale-equivariant activations and typed recipes:
-    its activations are plain polynomials, and its [norm] had a 'layernorm' key that did nothing."""
+    its activations are plain polynomials, and its [norm] had a 'layernorm' key that did nothing. A recipe
+    saved before [activation] had ``scale`` took the L4 scale."""
     options = {k: dict(v) if isinstance(v, dict) else v for k, v in ckpt["recipe"]["options"].items()}
+    if isinstance(options.get("activation"), dict):
+        options["activation"].setdefault("scale", "l4")
     if ckpt["format"] == "afconvert/1":
         options.setdefault("activation", {}).setdefault("normalize", "none")
         options.get("norm", {}).pop("layernorm", None)

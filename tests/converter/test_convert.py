@@ -28,7 +28,8 @@ def source():
 @pytest.fixture(scope="module")
 def converted(source):
     out = {recipe: afconvert.convert(source, recipe) for recipe in ("afc", "afc-paper")}
-    out["afc-fused"] = afconvert.convert(source, options={"activation": {"fuse_linear": True}})
+    out["afc-l4"] = afconvert.convert(source, options={"activation": {"scale": "l4"}})
+    out["afc-fused"] = afconvert.convert(source, options={"activation": {"fuse_linear": True, "scale": "l4"}})
     return out
 
 
@@ -100,8 +101,9 @@ def test_report_says_what_was_replaced(converted):
 
 
 def test_fusing_the_mlp_linears_is_exact(converted):
-    """Up-sampling before fc1 and down-sampling after fc2 computes what the activation alone would."""
-    unfused = converted["afc"]
+    """Up-sampling before fc1 and down-sampling after fc2 computes what the activation alone would (with the same,
+    L4, scale: the fused form has no other)."""
+    unfused = converted["afc-l4"]
     kinds = {f.replaced_by for f in unfused.afconvert_report.replaced}
     assert "AliasFreePolyActivation" in kinds and "UpsampledLinear" not in kinds
     x = random_input(2, 3, (64, 96), torch.float64)

@@ -12,7 +12,7 @@ from conftest import calibrate_norms_, randomize_
 import afconvert
 from afconvert.converter.certify import random_input
 from afconvert.converter.rule import Verdict
-from afconvert.layers.spectral import fractional_shift
+from afconvert.layers.spectral import fractional_shift, resample_method
 from afconvert.sources.models import create_source_model
 from afconvert.sources.zoo import MORE, ZOO
 
@@ -87,11 +87,19 @@ def shift_change(model, x, shifts=SHIFTS, y0=None) -> float:
 
 
 def test_certified_and_invariant(pair, float64):
+    """float64 logits move under integer and fractional shifts by less than 1e-10 of their spread, or, for a
+    random-weight model that amplifies float64 rounding itself (timm:regnety_002: activations near 1e5 feed
+    saturated squeeze-excite gates), by less than 10x that rounding, measured as what separates the same logits
+    computed through FFTs instead of matrix products (the same function in exact arithmetic)."""
     name, source, converted = pair
     report = converted.afconvert_report
     assert report.verdict is Verdict.EXACT, report.verdict_text
     x, f64, y64 = float64
-    assert shift_change(f64, x, y0=y64) < 1e-10
+    change = shift_change(f64, x, y0=y64)
+    if change >= 1e-10:
+        with torch.no_grad(), resample_method("fft"):
+            rounding = float((f64(x) - y64).abs().max() / y64.std(0).mean())
+        assert change < 10 * rounding, (change, rounding)
     # the very same check fails before conversion (already on an integer and a half-pixel shift)
     assert shift_change(copy.deepcopy(source).double(), x, SHIFTS[::2][:2]) > 1e-1
 

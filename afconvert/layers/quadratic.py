@@ -1,0 +1,162 @@
+"""The alias-free degree-2 activation in closed form, with a gradient that keeps no up-sampled map.
+
+With U the ideal 2x up-sampling, D the ideal low-pass back to the input's N and P the removal of the
+Nyquist bins, an alias-free quadratic q(u) = a0 + a1 u + a2 u^2 is
+
+    D(q(U x)) = a0 + a1 P x + a2 B(x),       B(x) = D((U x)^2)  (the band-limited square):
+
+D(U x) = P x, so only the square needs another rate. ``band_limited_square`` computes B on a grid of
+M = ceil(3N / 2) per dim (the 3/2 rule of spectral methods, Orszag 1971): x's square reaches |k| < N there
+and its aliases fold back to |k| >= N/2, above the band that D keeps, so B equals the 2x form exactly at
+(9/4 instead of 4) N^2 samples. The scale-equivariant form (``normalize``) divides by the **in-band
+scale** s = (mean B^2 + eps^4)^(1/4), taken over the same dims as the L4 scale:
+
+    y = a0 s + a1 P x + (a2 / s) B(x).
+
+s is exactly shift-invariant (B commutes with every circular shift, fractional ones included, and its
+energy does not change) and bounds the quadratic term as the L4 scale does: (a2 / s) B has energy a2^2 s^2.
+
+``BandLimitedQuadratic`` is its autograd form: it saves x and B (two maps of x's size) and recomputes the
+3/2-grid map in backward, instead of the several up-sampled maps that autograd would keep.
+Shapes: x (..., H, ..., W, ...) with its channels at ``channel_dim``, coefficients (C, 3) or (1, 3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from afconvert.layers.spectral import ideal_resample, resample_adjoint
+
+__all__ = ["band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
+           "channel_view"]
+
+
+def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast against an ``ndim`` tensor whose channels are at ``channel_dim``."""
+    shape = [1] * ndim
+    shape[channel_dim] = v.numel()
+    return v.reshape(shape)
+
+
+def _grid(x: torch.Tensor, dims: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    n = (x.shape[dims[0]], x.shape[dims[1]])
+    return n, tuple([math.ceil(3 * v / 2) for v in n])
+
+
+def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method: str | None = None) -> torch.Tensor:
+    """B(x) = D((U x)^2), computed as R_N((R_M x)^2) on the 3/2 grid M = ceil(3N / 2) (R: ``ideal_resample``;
+    ``method`` as there). Exactly the 2x form for any x. Same shape as x."""
+    n, m = _grid(x, dims)
+    z = ideal_resample(x, m, dims, method)
+    z = z.square() if torch.is_grad_enabled() else z.square_()
+    return ideal_resample(z, n, dims, method)
+
+
+def drop_nyquist(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
+    """P x: x without its Nyquist bins (even sizes), as the projection x - c (-1)^n per dim, c = mean(x (-1)^n):
+    a few passes over x, no transform. Odd sizes have no Nyquist bin: x itself. Symmetric: P^T = P."""
+    for d in dims:
+        n = x.shape[d]
+        if n % 2:
+            continue
+        sign = (1 - 2 * (torch.arange(n, device=x.device) % 2)).to(x.dtype)
+        sign = sign.reshape([n if i == d % x.ndim else 1 for i in range(x.ndim)])
+        x = x - sign * (x * sign).mean(d, keepdim=True)
+    return x
+
+
+def _max_abs(x: torch.Tensor, dims: Sequence[int], eps: float) -> torch.Tensor:
+    c = x.detach()
+    return torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)
+
+
+def _normalised(x: torch.Tensor, spatial_dims, scale_dims, eps: float, method):
+    """(Bn, r, t) with r = max |x| over ``scale_dims`` (a constant), Bn = B(x / r) = B(x) / r^2 and
+    t = (mean Bn^2 + (eps / r)^4)^(1/4) = s / r: |x / r| <= 1, so nothing overflows however large x is."""
+    r = _max_abs(x, scale_dims, eps)
+    bn = band_limited_square(x / r, spatial_dims, method)
+    count = math.prod([x.shape[d] for d in scale_dims])
+    m = torch.linalg.vector_norm(bn, 2, scale_dims, keepdim=True).square() / count
+    return bn, r, (m + (eps / r) ** 4).sqrt().sqrt()
+
+
+def inband_scale(x: torch.Tensor, spatial_dims: Sequence[int], scale_dims: Sequence[int], eps: float = 1e-6,
+                 method: str | None = None) -> torch.Tensor:
+    """s = (mean over ``scale_dims`` of B(x)^2 + eps^4)^(1/4), B the band-limited square over ``spatial_dims``;
+    ``scale_dims`` kept (size 1). Exactly shift-invariant over the spatial dims."""
+    _, r, t = _normalised(x, tuple(spatial_dims), tuple(scale_dims), eps, method)
+    return r * t
+
+
+def _terms(x, coef, spatial_dims, channel_dim, scale_dims, eps, method):
+    """(c0, c1, c2, B-like map, r, t): y = c0 + c1 P x + c2 Bn, per-(sample, channel) c0, c2."""
+    a0, a1, a2 = [channel_view(coef[:, k], x.ndim, channel_dim) for k in range(3)]
+    if scale_dims is None:
+        return a0, a1, a2, band_limited_square(x, spatial_dims, method), None, None
+    bn, r, t = _normalised(x, spatial_dims, scale_dims, eps, method)
+    return a0 * (r * t), a1, a2 * (r / t), bn, r, t
+
+
+def band_limited_quadratic(x: torch.Tensor, coef: torch.Tensor, spatial_dims: Sequence[int], channel_dim: int,
+                           scale_dims: Sequence[int] | None, eps: float = 1e-6, method: str | None = None
+                           ) -> torch.Tensor:
+    """y = a0 s + a1 P x + (a2 / s) B(x) (s = 1 when ``scale_dims`` is None), coefficients ``coef`` (C or 1, 3) in
+    x's dtype. Through ``BandLimitedQuadratic`` when a gradient is recorded, else in place on B's buffer."""
+    spatial_dims = tuple([d % x.ndim for d in spatial_dims])
+    scale_dims = None if scale_dims is None else tuple([d % x.ndim for d in scale_dims])
+    if torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad):
+        return BandLimitedQuadratic.apply(x, coef, spatial_dims, channel_dim, scale_dims, eps, method)
+    c0, c1, c2, b, _, _ = _terms(x, coef, spatial_dims, channel_dim, scale_dims, eps, method)
+    return torch.addcmul(c0, c2, b, out=b).addcmul_(c1, drop_nyquist(x, spatial_dims))
+
+
+def _sum_to_channels(v: torch.Tensor, channel_dim: int, channels: int) -> torch.Tensor:
+    """Sum over every dim but the channels' (over those too when the coefficients are shared: ``channels`` 1)."""
+    if channels == 1:
+        return v.sum().reshape(1)
+    return v.movedim(channel_dim, 0).reshape(v.shape[channel_dim], -1).sum(1)
+
+
+class BandLimitedQuadratic(torch.autograd.Function):
+    """Autograd form of ``band_limited_quadratic``. Saves x, Bn = B(x / r) and the per-group r, t.
+
+    Backward, with g = dL/dy and n the size of a scale group:
+      dL/ds = sum_group g (a0 - a2 B / s^2);   dL/dB = g a2 / s + dL/ds B / (2 n s^3)
+      dL/dx = a1 P g + R_M^T (2 (R_M x) * R_N^T dL/dB)      (R_M: N -> M grid, R_N: M -> N)
+    computed in the normalised quantities (x / r, Bn, t = s / r) so that nothing overflows."""
+
+    @staticmethod
+    def forward(ctx, x, coef, spatial_dims, channel_dim, scale_dims, eps, method):
+        c0, c1, c2, b, r, t = _terms(x, coef, spatial_dims, channel_dim, scale_dims, eps, method)
+        px = drop_nyquist(x, spatial_dims)
+        ctx.save_for_backward(x, coef, b, *(() if r is None else (r, t)))
+        ctx.config = (spatial_dims, channel_dim, scale_dims, method)
+        return torch.addcmul(c0, c2, b).addcmul_(c1, px)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, coef, b, *rt = ctx.saved_tensors
+        spatial_dims, channel_dim, scale_dims, method = ctx.config
+        a0, a1, a2 = [channel_view(coef[:, k], x.ndim, channel_dim) for k in range(3)]
+        n, m = _grid(x, spatial_dims)
+        if scale_dims is None:
+            r, xn, h = None, x, g * a2                      # h = dL/dB
+        else:
+            r, t = rt
+            count = math.prod([x.shape[d] for d in scale_dims])
+            dlds = (g * (a0 - a2 * b / t.square())).sum(scale_dims, keepdim=True)
+            h = g * (a2 / t) + b * (dlds / (2 * count * t ** 3))   # r dL/dB
+            xn = x / r
+        gx = gcoef = None
+        if ctx.needs_input_grad[0]:
+            z = ideal_resample(xn, m, spatial_dims, method)
+            w = resample_adjoint(h, m, spatial_dims, method).mul_(z).mul_(2)
+            gx = resample_adjoint(w, n, spatial_dims, method).addcmul_(a1, drop_nyquist(g, spatial_dims))
+        if ctx.needs_input_grad[1]:
+            quad = b if r is None else b * (r / t)          # B / s
+            const = g if r is None else g * (r * t)         # g s
+            terms = (const, g * drop_nyquist(x, spatial_dims), g * quad)
+            gcoef = torch.stack([_sum_to_channels(v, channel_dim, coef.shape[0]) for v in terms], 1)
+        return gx, gcoef, None, None, None, None, None
