@@ -54,22 +54,37 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     return ideal_resample(z, n, dims, method)
 
 
+def _alternating(n: int, like: torch.Tensor) -> torch.Tensor:
+    return (1 - 2 * (torch.arange(n, device=like.device) % 2)).to(like.dtype)
+
+
+def _contract(x: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
+    """sum_i x[..., i, ...] v[i] over dim d, kept (size 1): one matrix-vector product over a view of x."""
+    shape = x.shape
+    p, q = math.prod(shape[:d]), math.prod(shape[d + 1:])
+    if q == 1:
+        out = torch.matmul(x.reshape(p, shape[d]), v)
+    else:
+        out = torch.matmul(v, x.reshape(p, shape[d], q))
+    return out.reshape(*shape[:d], 1, *shape[d + 1:])
+
+
 def drop_nyquist(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     """P x: x without its Nyquist bins (even sizes), as the projection x - c (-1)^n per dim, c = mean(x (-1)^n):
-    a few passes over x, no transform. Odd sizes have no Nyquist bin: x itself. Symmetric: P^T = P."""
+    one matrix-vector product and one pass per even dim, no transform. Odd sizes have no Nyquist bin: x itself.
+    Symmetric: P^T = P."""
     for d in dims:
-        n = x.shape[d]
+        d, n = d % x.ndim, x.shape[d % x.ndim]
         if n % 2:
             continue
-        sign = (1 - 2 * (torch.arange(n, device=x.device) % 2)).to(x.dtype)
-        sign = sign.reshape([n if i == d % x.ndim else 1 for i in range(x.ndim)])
-        x = x - sign * (x * sign).mean(d, keepdim=True)
+        sign = _alternating(n, x)
+        view = sign.reshape([n if i == d else 1 for i in range(x.ndim)])
+        x = torch.addcmul(x, view, _contract(x, sign, d), value=-1.0 / n)
     return x
 
 
 def _max_abs(x: torch.Tensor, dims: Sequence[int], eps: float) -> torch.Tensor:
-    c = x.detach()
-    return torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)
+    return torch.linalg.vector_norm(x.detach(), math.inf, dims, keepdim=True).clamp_min(eps)
 
 
 def _normalised(x: torch.Tensor, spatial_dims, scale_dims, eps: float, method):

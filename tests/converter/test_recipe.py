@@ -27,6 +27,8 @@ from afconvert.layers.poly import AliasFreePolyActivation
     ({"activation": {"degre": 3}}, r"\[activation\]: unknown option 'degre': did you mean degree"),
     ({"activation": {"normalize": "rms"}}, r"'normalize' = 'rms': valid: channel, none, sample"),
     ({"activation": {"degree": "two"}}, r"'degree' = 'two' is not a int"),
+    ({"activation": {"scale": "rms"}}, r"'scale' = 'rms': valid: inband, l4"),
+    ({"activation": {"fuse_linear": True}}, r"\[activation\]: fuse_linear .* fix: scale = \"l4\""),
     ({"conv": {"replace": "magic"}}, r"replace = 'magic' is no strategy of family 'conv'"),
     ({"conv": {"stem_activation": {"cutof": 0.5}}}, r"stem_activation: unknown option 'cutof': did you mean cutoff"),
     ({"overrides": {"stem.*": {"replace": "poly"}}}, r"only \"keep\" is"),

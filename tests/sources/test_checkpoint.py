@@ -111,6 +111,27 @@ def test_format_1_checkpoints_still_load(tmp_path):
         assert torch.equal(loaded(x), built.converted.eval()(x))
 
 
+@pytest.mark.parametrize("plan", [True, False])
+def test_checkpoints_from_before_the_inband_scale_keep_the_l4_scale(tmp_path, plan):
+    """Saved before [activation] had ``scale``: neither the recipe nor the plan's layers name it. They load
+    computing the L4 scale of the 2x grid, as they were trained (from the plan, or converting again)."""
+    built = afconvert.build("convnext_atto", pretrained=False, num_classes=7, options={"activation": {"scale": "l4"}})
+    randomize_(built.converted, seed=2)
+    afconvert.save(built.converted, tmp_path / "m.pt")
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    for opts in (ckpt["recipe"]["options"]["activation"], *[e["attrs"] for e in ckpt["plan"]]):
+        opts.pop("scale", None)
+    if not plan:
+        ckpt["plan"] = None
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = afconvert.load(tmp_path / "old.pt")
+    acts = [m for m in loaded.modules() if type(m).__name__ == "AliasFreePolyActivation"]
+    assert acts and all(m.scale == "l4" for m in acts)
+    x = random_input(2, 3, (64, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), built.converted.eval()(x))
+
+
 @pytest.mark.parametrize("recipe", ["afc-paper", "blurpool", "aps", "circular"])
 def test_every_recipe_round_trips_through_its_plan(recipe, tmp_path):
     built = afconvert.build("resnet18", pretrained=False, num_classes=4, recipe=recipe,
