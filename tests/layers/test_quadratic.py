@@ -78,11 +78,13 @@ def test_closed_form_equals_the_definition(layout, normalize, h, w, dtype, tol):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("normalize", ["none", "channel", "sample"])
 @pytest.mark.parametrize("shift", SHIFTS)
-def test_exactly_shift_invariant_and_pointwise_is_not(layout, normalize, shift):
+@pytest.mark.parametrize("degree", [2, 3])
+def test_exactly_shift_invariant_and_pointwise_is_not(layout, normalize, shift, degree):
+    """Degree 2 in closed form; degree 3 on its 2x grid, with the in-band scale when normalising."""
     dims, cdim = LAYOUTS[layout]
     x = _map(9, 12, layout, nyquist=False)
-    layer = AliasFreePolyActivation(3, 2, [0.1, 0.5, 0.3], channel_dim=cdim, spatial_dims=dims,
-                                    normalize=normalize).double()
+    layer = AliasFreePolyActivation(3, degree, [0.1, 0.5, 0.3, 0.05][:degree + 1], channel_dim=cdim,
+                                    spatial_dims=dims, normalize=normalize).double()
     assert layer.scale == "inband"
 
     def err(f):
@@ -91,7 +93,7 @@ def test_exactly_shift_invariant_and_pointwise_is_not(layout, normalize, shift):
             return float((f(fractional_shift(x, *shift, dims)) - fractional_shift(y, *shift, dims)).abs().max()
                          / y.abs().max())
     assert err(layer) < 1e-12
-    pointwise = lambda t: 0.1 + 0.5 * t + 0.3 * t * t  # noqa: E731  the same polynomial at the input rate
+    pointwise = lambda t: 0.1 + 0.5 * t + 0.3 * t * t  # noqa: E731  a quadratic at the input rate
     if shift[0] != int(shift[0]):
         assert err(pointwise) > 1e-3
     sdims = scale_dims(normalize if normalize != "none" else "channel", dims, cdim % 4)
