@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from afconvert.layers.quadratic import band_limited_quadratic, channel_view, inband_scale
+from afconvert.layers.quadratic import band_limited_quadratic, channel_view, inband_scale, max_abs
 from afconvert.layers.spectral import as_dtype, ideal_lowpass, ideal_resample, ideal_upsample, promote_half
 
 __all__ = [
@@ -76,8 +76,7 @@ def _l4_with_scratch(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tupl
     eps) a constant (no gradient): |x / r| <= 1, so nothing overflows float32 however large x is. ``scratch``:
     when no gradient is recorded, a buffer of x's shape that the caller may overwrite, else None."""
     n = math.prod([x.shape[d] for d in dims])
-    c = x.detach()        # r is a constant (detach, not no_grad: graph capture then keeps one graph)
-    r = torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)   # max |x|
+    r = max_abs(x, dims, eps)     # a constant (detached, not no_grad: graph capture then keeps one graph)
     if torch.is_grad_enabled():
         m4 = torch.linalg.vector_norm((x / r).square(), 2, dims, keepdim=True).square() / n
         scratch = None
