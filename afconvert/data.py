@@ -7,6 +7,11 @@
 * ``open_image``: one image as RGB, or ``None`` when it cannot be read (callers skip and count it).
 * ``data_config`` / ``load_images``: timm's eval transform for a model, and a stack of images with it.
 * ``training_samples`` / ``ImageDataset``: images (labelled by class folder, or not) for fine-tuning.
+
+Wherever a folder of images is read, a folder holding an IDX pair (the MNIST family's format:
+``<split>-images-idx3-ubyte[.gz]`` and ``<split>-labels-idx1-ubyte[.gz]``, ``read_idx``) is read too: its
+images stay in memory (``ArrayImage``), labelled by class index, one split at a time (``train``, ``t10k``).
+Images open as RGB, or as grayscale for a model with one input channel (``data_config``, ``image_mode``).
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "list_images", "find_images", "read_class_map", "class_indices",
-           "open_image", "data_config", "load_images", "ImageDataset", "training_samples"]
+           "open_image", "image_mode", "data_config", "load_images", "ImageDataset", "training_samples", "read_idx",
+           "idx_split", "ArrayImage"]
 
 
 class DataError(ValueError):
@@ -25,8 +31,109 @@ class DataError(ValueError):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-def list_images(root: str | Path, flag: str = "--data") -> tuple[list[str], list[tuple[Path, str]]]:
-    """(sorted class folder names, [(image path, folder)]) of an ImageFolder directory."""
+# IDX (the MNIST family's format): b'\x00\x00', a type code, the number of dims, each dim as a big-endian uint32,
+# then the values, big-endian.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k"}
+
+
+def read_idx(path: str | Path):
+    """The array (numpy) stored in an IDX file, gzipped or not (told by its first bytes, not its name)."""
+    import gzip
+
+    import numpy as np
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc}); fix: download or unpack it "
+                        f"again") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file (it starts {raw[:4].hex() or 'empty'}, not 0000 + a type "
+                        f"code); fix: point --data at the MNIST-family *-idx?-ubyte[.gz] files")
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise DataError(f"{path}: truncated IDX header; fix: download or unpack it again")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    need = head + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if len(raw) != need:
+        what = "truncated" if len(raw) < need else "longer than its header says"
+        raise DataError(f"{path}: IDX file {what} ({len(raw)} bytes, its header {shape} needs {need}); fix: "
+                        f"download or unpack it again")
+    return np.frombuffer(raw, dtype, offset=head).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_files(root: Path) -> dict[str, dict[str, Path]]:
+    """{split prefix: {"images": path, "labels": path}} of the IDX files in ``root``."""
+    found: dict[str, dict[str, Path]] = {}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        m = re.fullmatch(r"(.*?)[-_.]?(images|labels)[-_.]idx([13])[-_.]ubyte(\.gz)?", p.name)
+        if p.is_file() and m and (m.group(2) == "images") == (m.group(3) == "3"):
+            found.setdefault(m.group(1), {})[m.group(2)] = p
+    return found
+
+
+class ArrayImage:
+    """Image ``index`` of an in-memory stack (N, H, W) or (N, H, W, C) of uint8 pixels (an IDX file's): what
+    ``open_image`` opens in place of a path."""
+
+    __slots__ = ("array", "index")
+
+    def __init__(self, array, index: int):
+        self.array, self.index = array, int(index)
+
+    def __repr__(self) -> str:
+        return f"ArrayImage({self.index})"
+
+
+def idx_split(root: str | Path, split: str = "train", flag: str = "--data"):
+    """(images (N, H, W[, C]) uint8, labels (N,) int64, split name) of the IDX pair of ``split`` in ``root``
+    (``train``; ``test`` or ``t10k``), or None when ``root`` holds no IDX file."""
+    import numpy as np
+    root = Path(root)
+    found = _idx_files(root)
+    if not found:
+        return None
+    prefix = IDX_SPLITS.get(split)
+    pair = found.get(prefix) if prefix else None
+    if pair is None or len(pair) != 2:
+        have = ", ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(found.items()))
+        raise DataError(f"{flag} {root}: no IDX images + labels pair for split '{split}' (found: {have}); fix: "
+                        f"--split {' or '.join(sorted(k for k, v in found.items() if len(v) == 2)) or 'train'}, "
+                        f"or add the missing file")
+    images, labels = read_idx(pair["images"]), read_idx(pair["labels"])
+    if images.ndim not in (3, 4) or labels.ndim != 1:
+        raise DataError(f"{pair['images'].name}: IDX images of shape {images.shape} and labels {labels.shape}; fix: "
+                        f"images (N, H, W) and labels (N,)")
+    if len(images) != len(labels):
+        raise DataError(f"{flag} {root}: {len(images)} images in {pair['images'].name} but {len(labels)} labels in "
+                        f"{pair['labels'].name}; fix: a matching pair of files (the same split)")
+    if images.dtype != np.uint8:
+        images = np.clip(images, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64), prefix
+
+
+def _idx_samples(root: str | Path, split: str, flag: str):
+    """[(ArrayImage, label)] and the class names ("0", "1", ...) of an IDX folder, or None for other folders."""
+    got = idx_split(root, split, flag)
+    if got is None:
+        return None
+    images, labels, _ = got
+    classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    return [(ArrayImage(images, i), int(c)) for i, c in enumerate(labels)], classes
+
+
+
+def list_images(root: str | Path, flag: str = "--data", split: str = "test") -> tuple[list[str], list[tuple]]:
+    """(sorted class folder names, [(image path, folder)]) of an ImageFolder directory; for an IDX folder, its
+    ``split`` as (class names "0", "1", ..., [(ArrayImage, class name)])."""
+    idx = _idx_samples(root, split, flag)
+    if idx is not None:
+        samples, classes = idx
+        return classes, [(image, str(c)) for image, c in samples]
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{flag} {root}: no such directory; fix: point {flag} at an ImageFolder "
@@ -112,25 +219,43 @@ def class_indices(folders: Sequence[str], class_map: str | Path | None = None,
     return mapping, how
 
 
-def open_image(path: str | Path):
-    """The image at ``path`` as an RGB PIL image, or None when it cannot be read (corrupt, not an image)."""
+def open_image(path, mode: str = "RGB"):
+    """The image at ``path`` (or an ``ArrayImage``) as a PIL image in ``mode`` ("RGB", or "L" for grayscale),
+    or None when it cannot be read (corrupt, not an image)."""
     from PIL import Image
+    if isinstance(path, ArrayImage):
+        return Image.fromarray(path.array[path.index]).convert(mode)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(mode)
     except Exception:  # PIL raises many kinds for a bad file; the caller skips and counts it
         return None
 
 
+def _in_chans(model) -> int | None:
+    conv = next((m for m in model.modules() if hasattr(m, "in_channels") and hasattr(m, "kernel_size")), None)
+    return None if conv is None else int(conv.in_channels)
+
+
 def data_config(model, input_size: int | None = None) -> dict:
-    """timm's eval data config for ``model`` (its pretrained_cfg, or timm's defaults)."""
+    """timm's eval data config for ``model`` (its pretrained_cfg, or timm's defaults), with the channels the
+    model takes (its first convolution's): a one-channel model gets grayscale, normalised by the mean of the
+    channels' mean and std."""
     from timm.data import resolve_data_config
     cfg = resolve_data_config({}, model=model)
+    chans = _in_chans(model) or cfg["input_size"][0]
+    if chans != cfg["input_size"][0]:
+        cfg["input_size"] = (chans, *cfg["input_size"][1:])
+        if chans == 1:
+            cfg["mean"], cfg["std"] = (sum(cfg["mean"]) / len(cfg["mean"]),), (sum(cfg["std"]) / len(cfg["std"]),)
     if input_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], int(input_size), int(input_size))
     return cfg
 
 
+def image_mode(cfg: dict) -> str:
+    """The PIL mode images open in for a data config: "L" for one channel, else "RGB"."""
+    return "L" if cfg["input_size"][0] == 1 else "RGB"
 
 
 def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int = 64, flag: str = "--calibration"):
@@ -143,10 +268,11 @@ def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int
     cfg.update(input_size=(cfg["input_size"][0], *input_size), crop_pct=1.0)
     transform = create_transform(**cfg)
     images, skipped = [], 0
-    for path in find_images(folder, flag):
+    idx = _idx_samples(folder, "train", flag)
+    for path in find_images(folder, flag) if idx is None else [image for image, _ in idx[0][:limit]]:
         if len(images) == limit:
             break
-        img = open_image(path)
+        img = open_image(path, image_mode(cfg))
         if img is None:
             skipped += 1
             continue
@@ -157,18 +283,18 @@ def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int
 
 
 class ImageDataset:
-    """(transformed image, class index or -1) per path, or None for an unreadable file (``collate``
-    drops and counts it): a map-style dataset for ``torch.utils.data.DataLoader``."""
+    """(transformed image, class index or -1) per path (or ``ArrayImage``), opened in ``mode``, or None for an
+    unreadable file (``collate`` drops and counts it): a map-style dataset for ``torch.utils.data.DataLoader``."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform):
-        self.samples, self.transform = list(samples), transform
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform, mode: str = "RGB"):
+        self.samples, self.transform, self.mode = list(samples), transform, mode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        img = open_image(path)
+        img = open_image(path, self.mode)
         return None if img is None else (self.transform(img), target)
 
     @staticmethod
@@ -181,9 +307,14 @@ class ImageDataset:
         return torch.stack([b[0] for b in items]), torch.tensor([b[1] for b in items]), len(batch) - len(items)
 
 
-def training_samples(root: str | Path, flag: str = "--data") -> tuple[list[tuple[Path, int]], list[str]]:
+def training_samples(root: str | Path, flag: str = "--data", split: str = "train"
+                     ) -> tuple[list[tuple[Path, int]], list[str]]:
     """Every image under ``root`` with its class folder's index (sorted folder names), or -1 for all when
-    some images are not in class folders (an unlabeled folder). Returns (samples, class folder names)."""
+    some images are not in class folders (an unlabeled folder); for an IDX folder, its ``split`` with its
+    labels. Returns (samples, class folder names)."""
+    idx = _idx_samples(root, split, flag)
+    if idx is not None:
+        return idx
     root = Path(root)
     files = find_images(root, flag)
     rel = [p.relative_to(root).parts for p in files]

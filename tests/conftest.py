@@ -2,6 +2,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_idx(path, array, gz=False, type_code=0x08):
+    """An IDX file of ``array`` (the MNIST family's format), written by hand."""
+    import gzip
+    dtype = {0x08: ">u1", 0x0D: ">f4"}[type_code]
+    raw = bytes([0, 0, type_code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + \
+        np.asarray(array).astype(dtype).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def idx_folder(root, n=12, gz=True, seed=0, splits=("train", "t10k")):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in splits:
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        labels[:10] = np.arange(10)
+        ext = ".gz" if gz else ""
+        write_idx(root / f"{split}-images-idx3-ubyte{ext}", images, gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte{ext}", labels, gz)
+        out[split] = (images, labels)
+    return out
+

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "(accuracy, certified shift accuracy, consistency, ...).")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_CHECKPOINT",
                    help="timm name (convnext_tiny, efficientnet_lite0), torchvision:NAME, or an afconvert checkpoint")
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: DIR/<class>/<image>")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: DIR/<class>/<image>, or an IDX folder "
+                   "(MNIST family: *-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz])")
+    p.add_argument("--split", default="test", help="the split of an IDX --data folder: test (default, t10k) or train")
     p.add_argument("--metrics", default="default",
                    help=f"comma list of {', '.join(METRICS)}; aliases certified, default "
                         f"(accuracy,certified,consistency), all")
@@ -83,7 +85,7 @@ def _main(argv: Sequence[str]) -> int:
         metrics |= {"curve", "crop"}
     device = _device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    folders, images = list_images(args.data)
+    folders, images = list_images(args.data, split=args.split)
     if args.class_map is not None:
         read_class_map(args.class_map)      # fail early, before loading models
     keep = _subset(len(images), args.limit)

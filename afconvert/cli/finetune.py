@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afconvert finetune", description="Fine-tune a converted model by distillation "
                                 "from its source model (timm-style options; torchrun for several processes).")
     p.add_argument("student", help="an afconvert checkpoint, or a model name to convert first")
-    p.add_argument("--data", required=True, metavar="DIR", help="images (any layout; class folders give labels)")
+    p.add_argument("--data", required=True, metavar="DIR", help="images (any layout; class folders give labels), or "
+                   "an IDX folder (MNIST family: *-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz])")
+    p.add_argument("--split", default="train", help="the split of an IDX --data folder: train (default) or test")
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: last.pt, log.csv, curves.png, final.pt")
     p.add_argument("--teacher", metavar="NAME", help="teacher model name (default: the student's source model)")
     p.add_argument("--teacher-weights", metavar="FILE", help="weights of --teacher")
@@ -113,7 +115,7 @@ def _main(argv: Sequence[str]) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     student, teacher = _models(args)
     cfg = FinetuneConfig(
-        data=args.data, output=args.output, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        data=args.data, output=args.output, split=args.split, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         input_size=tuple(args.input_size) if args.input_size else None, opt=args.opt, lr=args.lr,
         weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
         kd_temperature=args.kd_temperature, task_loss_weight=args.task_loss_weight, clip_grad=args.clip_grad,

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from afconvert.data import DataError, data_config, open_image
+from afconvert.data import DataError, data_config, image_mode, open_image
 from afconvert.evaluation import METRIC_ALIASES as _ALIASES
 from afconvert.evaluation import METRICS
 from afconvert.evaluation import metrics as M
@@ -74,6 +74,7 @@ class EvalImages(torch.utils.data.Dataset):
         from torchvision.transforms import CenterCrop, Compose
         self.samples = list(samples)
         self.transform = create_transform(**data_config)
+        self.mode = image_mode(data_config)
         self.crop = int(crop)
         ts = list(getattr(self.transform, "transforms", []))
         cut = next((i for i, t in enumerate(ts) if isinstance(t, CenterCrop)), None)
@@ -91,7 +92,7 @@ class EvalImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         """The views of image i, or None when it cannot be read (``collate`` drops and counts it)."""
         path, target = self.samples[i]
-        img = open_image(path)
+        img = open_image(path, self.mode)
         if img is None:
             return None
         if not self.crop:

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afconvert.atomic import atomic_write
-from afconvert.data import DataError, ImageDataset, data_config, training_samples
+from afconvert.data import DataError, ImageDataset, data_config, image_mode, training_samples
 from afconvert.train.distill import agreement, kd_loss
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "TRAIN_FORMAT"]
@@ -64,6 +64,7 @@ class FinetuneError(DataError):
 class FinetuneConfig:
     data: str
     output: str
+    split: str = "train"                # the split of an IDX --data folder
     epochs: int = 10
     steps: int | None = None            # total optimizer steps (overrides epochs)
     batch_size: int = 16                # per process
@@ -288,13 +289,14 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     out = Path(cfg.output)
     launch = _launch_id(world)
     state = _resume_state(out, cfg.resume, launch)
-    samples, folders = training_samples(cfg.data)
+    samples, folders = training_samples(cfg.data, split=cfg.split)
     from timm.data import Mixup, create_transform
     dcfg = data_config(student)
     size = tuple(cfg.input_size or dcfg["input_size"][1:])
-    transform = create_transform(input_size=(3, *size), is_training=True, auto_augment=cfg.auto_augment,
+    chans = dcfg["input_size"][0]
+    transform = create_transform(input_size=(chans, *size), is_training=True, auto_augment=cfg.auto_augment,
                                  mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg["interpolation"])
-    images = _SeededImages(ImageDataset(samples, transform), cfg.seed)
+    images = _SeededImages(ImageDataset(samples, transform, image_mode(dcfg)), cfg.seed)
     sampler = torch.utils.data.DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=True)
     accum = max(1, int(cfg.grad_accum_steps))
@@ -310,7 +312,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     student.to(device)
     teacher.to(device).eval().requires_grad_(False)
     with torch.no_grad():
-        probe = torch.zeros(1, 3, *size, device=device)
+        probe = torch.zeros(1, chans, *size, device=device)
         k_s, k_t = student.eval()(probe).shape[-1], teacher(probe).shape[-1]
     if k_s != k_t:
         raise FinetuneError(f"the student has {k_s} classes, the teacher {k_t}; fix: a teacher of the same classes "
@@ -411,7 +413,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
             for i, (x, y, skipped) in enumerate(group):
                 skipped_total += skipped
                 if x is None:
-                    x, y = torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long)
+                    x, y = torch.zeros(0, chans, *size), torch.zeros(0, dtype=torch.long)
                 x, y = x.to(device), y.to(device)
                 soft = None
                 if mixup is not None and len(x) % 2 == 0 and len(x):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import idx_folder
 from PIL import Image
 
 import afconvert
@@ -128,6 +129,18 @@ def test_trains_keeps_certificate_and_skips_unreadable_images(data, tmp_path):
     assert summary["stable"] and summary["verdict"].startswith("certified")
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "final.pt").is_file()
+
+
+def test_an_idx_folder_trains_a_one_channel_model(tmp_path):
+    """Fashion-MNIST's format: an IDX pair per split, gray 28 x 28 images, read in place (no image files), for a
+    model with one input channel; the converted student keeps its certificate."""
+    idx_folder(tmp_path / "idx", n=12)
+    built = afconvert.build("test_convnext", pretrained=False, num_classes=10, in_chans=1, input_size=(32, 32))
+    cfg = FinetuneConfig(data=str(tmp_path / "idx"), output=str(tmp_path / "run"), steps=2, batch_size=4,
+                         input_size=(32, 32), progress=False, auto_augment=None, lr=1e-3, task_loss_weight=0.5)
+    summary = finetune(built.converted, built.source, cfg)
+    assert summary["steps"] == 2 and summary["skipped_images"] == 0
+    assert summary["stable"] and summary["verdict"].startswith("certified")
 
 
 @pytest.mark.parametrize("case,message", [
