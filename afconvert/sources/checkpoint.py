@@ -3,13 +3,14 @@
     {"format": "afconvert/2", "source": {"library", "name", "kwargs", "weights"},
      "recipe": {"name", "options"}, "input_size": [H, W], "in_chans": C,
      "plan": [{"path", "class", "attrs", ...}] or None, "versions": {"afconvert", "torch", "timm"},
-     "state_dict": {...}}
+     "data_config": {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}, "state_dict": {...}}
 
 ``load`` creates the source model, applies the plan (``afconvert.sources.plan``: the replaced
 modules rebuilt from plain data, no conversion) and loads the state_dict strictly. A model whose
 functional calls were rewritten into a traced graph (no plan) and checkpoints of format
 ``afconvert/1`` are rebuilt by converting again with the saved recipe. Files are read with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. The data config (timm's, as the model was trained or converted) becomes
+the loaded model's ``pretrained_cfg``, so evaluation and any user prepare its inputs as in training.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from afconvert.atomic import atomic_write
 from afconvert.converter.recipe import load_recipe
+from afconvert.data import data_config
 from afconvert.sources.models import SourceSpec, load_error
 from afconvert.sources.plan import PlanError, apply_plan, module_plan
 
@@ -49,6 +51,20 @@ def _versions() -> dict:
     return out
 
 
+def _plain_config(cfg: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def set_data_config(model: nn.Module, cfg: dict) -> nn.Module:
+    """Make ``cfg`` (input size, mean, std, interpolation, crop) the model's timm ``pretrained_cfg``, which
+    ``timm.data.resolve_data_config`` and ``afconvert.data.data_config`` read: how its inputs are prepared."""
+    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    merged = dict(getattr(model, "pretrained_cfg", None) or {})
+    merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in keep})
+    model.pretrained_cfg = merged
+    return model
+
+
 def save(model: nn.Module, path: str | Path) -> None:
     """Write a converted model (from ``afconvert.convert`` of a named source) to ``path`` atomically."""
     info = getattr(model, "afconvert_info", None)
@@ -67,7 +83,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     plan = None if info.get("graph_module", True) or "replaced" not in info else module_plan(model, info["replaced"])
     ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info["recipe"], "options": info["options"]},
             "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "plan": plan,
-            "versions": _versions(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "data_config": _plain_config(data_config(model)), "versions": _versions(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     atomic_save(ckpt, path)
 
 
@@ -122,4 +138,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         raise CheckpointError(f"checkpoint {path} does not fit the rebuilt {spec.name} "
                               f"({str(exc).splitlines()[0]}); fix: load it with the afconvert/timm versions that "
                               f"wrote it: {ckpt.get('versions')}") from exc
+    if ckpt.get("data_config"):
+        set_data_config(model, ckpt["data_config"])
     return model.to(map_location).eval()

@@ -466,7 +466,8 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
         if ema is not None:
             final.afconvert_info = student.afconvert_info
         from afconvert.converter.engine import audit
-        from afconvert.sources.checkpoint import save
+        from afconvert.sources.checkpoint import save, set_data_config
+        set_data_config(final, {**dcfg, "input_size": (chans, *size)})    # what it was trained on
         save(final, out / "final.pt")
         report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])
         summary.update(final=str(out / "final.pt"), verdict=report.verdict_text, stable=report.stable,

@@ -141,6 +141,8 @@ def test_an_idx_folder_trains_a_one_channel_model(tmp_path):
     summary = finetune(built.converted, built.source, cfg)
     assert summary["steps"] == 2 and summary["skipped_images"] == 0
     assert summary["stable"] and summary["verdict"].startswith("certified")
+    from afconvert.data import data_config
+    assert data_config(afconvert.load(summary["final"]))["input_size"] == (1, 32, 32)   # as it was trained
 
 
 @pytest.mark.parametrize("case,message", [
