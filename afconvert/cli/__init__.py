@@ -4,6 +4,7 @@
     afconvert audit MODEL_OR_CHECKPOINT [--format json]
     afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
     afconvert finetune STUDENT --data DIR --output DIR [--steps N] [--resume] ...   (also under torchrun)
+    afconvert train MODEL --recipe R --data DIR --output DIR [--epochs N] [--resume] ...   (also under torchrun)
     afconvert bench MODEL [--recipe afc] [--batch-size 8] [--input-size H W] [--device cpu] [--train] [--compile]
                           [--resample auto|fft|matmul] [--profile N] [--json]
     afconvert export MODEL_OR_CHECKPOINT --onnx FILE [--input-size H W] [--no-check]
@@ -19,7 +20,7 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "bench": "bench", "export": "export"}
+COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "train": "train", "bench": "bench", "export": "export"}
 
 
 def main(argv: list[str] | None = None) -> int:

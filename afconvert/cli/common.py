@@ -24,7 +24,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_kwargs(args) -> dict:
-    return {"num_classes": args.num_classes} if args.num_classes is not None else {}
+    """timm keyword arguments of a model given by name: --num-classes, and --in-chans where a command has it."""
+    pairs = (("num_classes", args.num_classes), ("in_chans", getattr(args, "in_chans", None)))
+    return {k: v for k, v in pairs if v is not None}
 
 
 def check_output_path(path: str | None, flag: str, example: str) -> None:

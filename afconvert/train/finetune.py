@@ -1,5 +1,6 @@
 """Fine-tuning a converted model by distillation from its source model, timm-style, on one CPU or many
-GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a ``DistributedSampler``).
+GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a ``DistributedSampler``);
+without a teacher, the same loop trains from the labels alone (``afconvert train``: cross-entropy).
 
 * Data: every image under ``--data`` (class folders give labels for the optional task loss; unlabeled
   folders work), timm's training transform (random resized crop, flip, RandAugment) at the student's
@@ -8,7 +9,7 @@ GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a 
 * Optional block-wise reconstruction first (``--reconstruct``, ``afconvert.train.reconstruct``): each
   block fitted to its source block's output on the training images, in network order.
 * Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
-  ``--task-loss-weight``, cross-entropy on the folder labels. timm's ``create_optimizer_v2``,
+  ``--task-loss-weight``, cross-entropy on the folder labels; without a teacher, that cross-entropy alone. timm's ``create_optimizer_v2``,
   ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup`` (``--mixup`` / ``--cutmix``:
   teacher and student see the same mixed images). BatchNorm statistics stay frozen (few images per
   batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
@@ -21,7 +22,7 @@ GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a 
   from it by themselves (the checkpoint names its launch: rank 0's host, launcher pid and rendezvous
   id; another launch's run in ``--output`` is still refused). ``OUTPUT/teacher.pt`` (the teacher's
   weights, the same on every process and after a resume), ``OUTPUT/log.csv`` (one row per step),
-  ``OUTPUT/curves.png`` (loss and agreement with the teacher), ``OUTPUT/final.pt`` (an afconvert
+  ``OUTPUT/curves.png`` (loss and agreement with the teacher, or with the labels), ``OUTPUT/final.pt`` (an afconvert
   checkpoint: ``afconvert.load``).
 * Training changes only weights: every layer keeps its class, so the certificate still holds; the final
   report re-runs it, numerics included.
@@ -69,6 +70,7 @@ class FinetuneConfig:
     steps: int | None = None            # total optimizer steps (overrides epochs)
     batch_size: int = 16                # per process
     input_size: tuple[int, int] | None = None  # default: the student's data config
+    scale: tuple[float, float] = (0.08, 1.0)    # random-resized-crop area range
     opt: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -236,7 +238,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _plot(rows: list[dict], path: Path) -> bool:
+def _plot(rows: list[dict], path: Path, versus: str = "the teacher") -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -246,9 +248,9 @@ def _plot(rows: list[dict], path: Path) -> bool:
     steps = [int(r["step"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, [float(r["loss"]) for r in rows])
-    a.set(xlabel="step", ylabel="distillation loss", yscale="log", title="loss")
+    a.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     b.plot(steps, [100 * float(r["agreement"]) for r in rows])
-    b.set(xlabel="step", ylabel="top-1 agreement with the teacher (%)", ylim=(-2, 102), title="agreement (batch)")
+    b.set(xlabel="step", ylabel=f"top-1 agreement with {versus} (%)", ylim=(-2, 102), title="agreement (batch)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -282,9 +284,10 @@ def _reconstruction_batches(images: "_SeededImages", cfg: FinetuneConfig, device
     return [b.to(device) for b in torch.split(x, cfg.batch_size)]
 
 
-def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=print) -> dict:
-    """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says; returns a
-    summary {"steps", "final", "verdict", ...}. Rank 0 writes every output."""
+def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, log=print) -> dict:
+    """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says, or, with no teacher,
+    train it from the data's labels; returns a summary {"steps", "final", "verdict", ...}. Rank 0 writes every
+    output."""
     rank, world, device = _distributed(cfg.device)
     out = Path(cfg.output)
     launch = _launch_id(world)
@@ -295,6 +298,7 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     size = tuple(cfg.input_size or dcfg["input_size"][1:])
     chans = dcfg["input_size"][0]
     transform = create_transform(input_size=(chans, *size), is_training=True, auto_augment=cfg.auto_augment,
+                                 scale=tuple(cfg.scale),
                                  mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg["interpolation"])
     images = _SeededImages(ImageDataset(samples, transform, image_mode(dcfg)), cfg.seed)
     sampler = torch.utils.data.DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
@@ -310,15 +314,23 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     total = cfg.steps or cfg.epochs * per_epoch
 
     student.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    if teacher is None and (not folders or any(c < 0 for _, c in samples)):
+        raise FinetuneError(f"training from labels needs labelled images, and {cfg.data} has none; fix: class "
+                            f"folders (DIR/<class>/<image>) or an IDX folder")
+    if teacher is None and cfg.reconstruct:
+        raise FinetuneError("--reconstruct fits blocks to a teacher's, and this run has none; fix: drop it")
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
     with torch.no_grad():
         probe = torch.zeros(1, chans, *size, device=device)
-        k_s, k_t = student.eval()(probe).shape[-1], teacher(probe).shape[-1]
+        k_s = student.eval()(probe).shape[-1]
+        k_t = teacher(probe).shape[-1] if teacher is not None else k_s
     if k_s != k_t:
         raise FinetuneError(f"the student has {k_s} classes, the teacher {k_t}; fix: a teacher of the same classes "
                             f"(--teacher, --num-classes)")
-    if cfg.task_loss_weight and folders and len(folders) > k_s:
-        raise FinetuneError(f"{len(folders)} class folders for {k_s} classes; fix: --task-loss-weight 0")
+    if (cfg.task_loss_weight or teacher is None) and folders and len(folders) > k_s:
+        raise FinetuneError(f"{len(folders)} classes in the data for a {k_s}-class model; fix: --num-classes "
+                            f"{len(folders)}" + (" or --task-loss-weight 0" if teacher is not None else ""))
     autocast, scaler = _amp(cfg, device)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=k_s) \
         if cfg.mixup or cfg.cutmix else None
@@ -326,7 +338,8 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
     if state is not None and state["world_size"] != world:
         raise FinetuneError(f"--resume: the run used {state['world_size']} process(es), this one {world}; fix: "
                             f"resume with --nproc_per_node={state['world_size']}")
-    _same_teacher(teacher, out / "teacher.pt", state is not None, rank, world)
+    if teacher is not None:
+        _same_teacher(teacher, out / "teacher.pt", state is not None, rank, world)
 
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -422,18 +435,19 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with autocast():
                         with torch.no_grad():
-                            t = teacher(x)
+                            t = teacher(x).float() if teacher is not None else F.one_hot(y.clamp_min(0), k_s)
                         s = model(x)
-                    s, t = s.float(), t.float()
-                    loss, _ = kd_loss(s, t, cfg.kd_temperature)
+                    s = s.float()
+                    loss = kd_loss(s, t, cfg.kd_temperature)[0] if teacher is not None else None
                     if loss is None:
                         loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
-                    if cfg.task_loss_weight and len(y) and (y >= 0).all():
+                    weight = cfg.task_loss_weight if teacher is not None else 1.0
+                    if weight and len(y) and (y >= 0).all():
                         ok = torch.isfinite(s).all(1)
                         if ok.any():
                             target = soft if soft is not None else F.one_hot(y, k_s).float()
                             task = -(target[ok] * F.log_softmax(s[ok], 1)).sum(1).mean()
-                            loss = loss + cfg.task_loss_weight * task
+                            loss = loss + weight * task
                     scaler.scale(loss / accum).backward()
                 losses.append(float(loss.detach()))
                 agrees.append(agreement(s.detach(), t).float().mean().item() if len(x) else 0.0)
@@ -470,8 +484,9 @@ def finetune(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, log=pr
         set_data_config(final, {**dcfg, "input_size": (chans, *size)})    # what it was trained on
         save(final, out / "final.pt")
         report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])
+        plotted = _plot(rows, out / "curves.png", "the teacher" if teacher is not None else "the labels")
         summary.update(final=str(out / "final.pt"), verdict=report.verdict_text, stable=report.stable,
-                       curves=str(out / "curves.png") if _plot(rows, out / "curves.png") else None)
+                       curves=str(out / "curves.png") if plotted else None)
     if world > 1:
         dist.barrier()
     return summary
