@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "list_images", "find_images", "read_class_map", "class_indices",
-           "open_image", "image_mode", "data_config", "load_images", "ImageDataset", "training_samples", "read_idx",
-           "idx_split", "ArrayImage"]
+           "open_image", "image_mode", "data_config", "set_data_config", "load_images", "ImageDataset",
+           "training_samples", "read_idx", "idx_split", "ArrayImage"]
 
 
 class DataError(ValueError):
@@ -251,6 +251,16 @@ def data_config(model, input_size: int | None = None) -> dict:
     if input_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], int(input_size), int(input_size))
     return cfg
+
+
+def set_data_config(model, cfg: dict):
+    """Make ``cfg`` (input size, mean, std, interpolation, crop) the model's timm ``pretrained_cfg``, which
+    ``timm.data.resolve_data_config`` and ``afconvert.data.data_config`` read: how its inputs are prepared."""
+    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    merged = dict(getattr(model, "pretrained_cfg", None) or {})
+    merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in keep})
+    model.pretrained_cfg = merged
+    return model
 
 
 def image_mode(cfg: dict) -> str:

@@ -21,11 +21,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="input size for layout inference and the checks (default 64 64; the checks also run at the "
                         "model's native size)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's; 1: grayscale)")
 
 
 def model_kwargs(args) -> dict:
-    """timm keyword arguments of a model given by name: --num-classes, and --in-chans where a command has it."""
-    pairs = (("num_classes", args.num_classes), ("in_chans", getattr(args, "in_chans", None)))
+    """timm keyword arguments of a model given by name: --num-classes, --in-chans."""
+    pairs = (("num_classes", args.num_classes), ("in_chans", args.in_chans))
     return {k: v for k, v in pairs if v is not None}
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from afconvert.atomic import atomic_write
 from afconvert.converter.recipe import load_recipe
-from afconvert.data import data_config
+from afconvert.data import data_config, set_data_config
 from afconvert.sources.models import SourceSpec, load_error
 from afconvert.sources.plan import PlanError, apply_plan, module_plan
 
@@ -53,16 +53,6 @@ def _versions() -> dict:
 
 def _plain_config(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-def set_data_config(model: nn.Module, cfg: dict) -> nn.Module:
-    """Make ``cfg`` (input size, mean, std, interpolation, crop) the model's timm ``pretrained_cfg``, which
-    ``timm.data.resolve_data_config`` and ``afconvert.data.data_config`` read: how its inputs are prepared."""
-    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    merged = dict(getattr(model, "pretrained_cfg", None) or {})
-    merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in keep})
-    model.pretrained_cfg = merged
-    return model
 
 
 def save(model: nn.Module, path: str | Path) -> None:

@@ -91,8 +91,10 @@ def _unwrap(obj) -> dict:
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a state_dict file strictly into ``model``, with a one-line error on any mismatch."""
-    sd = _unwrap(read_state_dict(path))
+    """Load a state_dict file strictly into ``model``, with a one-line error on any mismatch; an afconvert
+    checkpoint's data config (how the weights were trained) becomes the model's."""
+    raw = read_state_dict(path)
+    sd = _unwrap(raw)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -109,6 +111,9 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
         raise ModelSourceError(f"weights {path} do not fit {type(model).__name__}: {'; '.join(parts)}; fix: pass "
                                f"the weights of this architecture (and --num-classes if the head differs)")
     model.load_state_dict(sd, strict=True)
+    if isinstance(raw, dict) and isinstance(raw.get("data_config"), dict):
+        from afconvert.data import set_data_config
+        set_data_config(model, raw["data_config"])
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

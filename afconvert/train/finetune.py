@@ -48,7 +48,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afconvert.atomic import atomic_write
-from afconvert.data import DataError, ImageDataset, data_config, image_mode, training_samples
+from afconvert.data import (
+    DataError,
+    ImageDataset,
+    data_config,
+    image_mode,
+    set_data_config,
+    training_samples,
+)
 from afconvert.train.distill import agreement, kd_loss
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "TRAIN_FORMAT"]
@@ -480,7 +487,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
         if ema is not None:
             final.afconvert_info = student.afconvert_info
         from afconvert.converter.engine import audit
-        from afconvert.sources.checkpoint import save, set_data_config
+        from afconvert.sources.checkpoint import save
         set_data_config(final, {**dcfg, "input_size": (chans, *size)})    # what it was trained on
         save(final, out / "final.pt")
         report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])

@@ -148,7 +148,7 @@ def test_every_recipe_round_trips_through_its_plan(recipe, tmp_path):
 def test_the_data_config_and_channels_survive_save_and_load(tmp_path):
     """A one-channel, 10-class model trained at 32 px loads preparing its inputs as it was trained."""
     from afconvert.data import data_config
-    from afconvert.sources.checkpoint import set_data_config
+    from afconvert.data import set_data_config
     built = afconvert.build("test_convnext", pretrained=False, num_classes=10, in_chans=1, input_size=(32, 32))
     set_data_config(built.converted, {"input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,),
                                       "interpolation": "bilinear", "crop_pct": 1.0})
