@@ -133,8 +133,8 @@ def _models(args):
         student, teacher = built.converted, built.source
     if args.teacher is not None:
         n = args.teacher_num_classes or args.num_classes
-        teacher, _ = create_source_model(args.teacher, weights=args.teacher_weights, pretrained=True,
-                                         **({"num_classes": n} if n is not None else {}))
+        teacher_kwargs = {**kwargs, **({"num_classes": n} if n is not None else {})}
+        teacher, _ = create_source_model(args.teacher, weights=args.teacher_weights, pretrained=True, **teacher_kwargs)
     for m in teacher.modules():  # in-place activations would hide their inputs from hooks (and cost nothing here)
         if hasattr(m, "inplace"):
             m.inplace = False

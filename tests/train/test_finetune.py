@@ -254,3 +254,18 @@ def test_a_run_killed_before_its_first_step_resumes(data, tmp_path, monkeypatch)
     student, teacher = _pair()
     cfg.resume = True
     assert finetune(student, teacher, cfg, log=lambda m: None)["steps"] == 3
+
+
+def test_a_named_teacher_takes_the_students_channels(tmp_path):
+    """--in-chans builds the named teacher with the student's input channels, so its weights file fits."""
+    import timm
+
+    from afconvert.cli.finetune import _models, _parser
+    path = tmp_path / "teacher.pt"
+    torch.save(timm.create_model("test_convnext", num_classes=3, in_chans=1).state_dict(), path)
+    args = _parser().parse_args(["test_convnext", "--no-pretrained", "--num-classes", "3", "--in-chans", "1",
+                                 "--teacher", "test_convnext", "--teacher-weights", str(path), "--data", "d",
+                                 "--output", "o"])
+    student, teacher = _models(args)
+    with torch.no_grad():
+        assert student(torch.zeros(1, 1, 32, 32)).shape == teacher(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
