@@ -112,7 +112,8 @@ def idx_split(root: str | Path, split: str = "train", flag: str = "--data"):
         raise DataError(f"{flag} {root}: {len(images)} images in {pair['images'].name} but {len(labels)} labels in "
                         f"{pair['labels'].name}; fix: a matching pair of files (the same split)")
     if images.dtype != np.uint8:
-        images = np.clip(images, 0, 255).astype(np.uint8)
+        raise DataError(f"{pair['images'].name}: IDX images of type {images.dtype}; fix: images as uint8 pixels "
+                        f"(0..255), as the MNIST family stores them")
     return images, labels.astype(np.int64), prefix
 
 
@@ -124,7 +125,6 @@ def _idx_samples(root: str | Path, split: str, flag: str):
     images, labels, _ = got
     classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
     return [(ArrayImage(images, i), int(c)) for i, c in enumerate(labels)], classes
-
 
 
 def list_images(root: str | Path, flag: str = "--data", split: str = "test") -> tuple[list[str], list[tuple]]:

@@ -20,7 +20,8 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "train": "train", "bench": "bench", "export": "export"}
+COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "train": "train",
+            "bench": "bench", "export": "export"}
 
 
 def main(argv: list[str] | None = None) -> int:

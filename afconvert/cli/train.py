@@ -3,8 +3,8 @@
 The paper's path: the network is built with random weights (or ``--weights``), converted with ``--recipe``
 (``none``: the unconverted baseline) and trained by cross-entropy on the data's labels, in the very loop of
 ``afconvert finetune`` (the same arguments, checkpoints, ``--resume``, torchrun, CSV and curves), without a
-teacher. The random initial weights follow ``--seed``. BatchNorm statistics train (``--freeze-bn`` keeps them). ``final.pt`` loads with ``afconvert.load``
-and carries its data config.
+teacher. The random initial weights follow ``--seed``. BatchNorm statistics train (``--freeze-bn`` keeps
+them). ``final.pt`` loads with ``afconvert.load`` and carries its data config.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def save(model: nn.Module, path: str | Path) -> None:
     plan = None if info.get("graph_module", True) or "replaced" not in info else module_plan(model, info["replaced"])
     ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info["recipe"], "options": info["options"]},
             "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "plan": plan,
-            "data_config": _plain_config(data_config(model)), "versions": _versions(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "data_config": _plain_config(data_config(model)), "versions": _versions(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     atomic_save(ckpt, path)
 
 

@@ -9,10 +9,10 @@ without a teacher, the same loop trains from the labels alone (``afconvert train
 * Optional block-wise reconstruction first (``--reconstruct``, ``afconvert.train.reconstruct``): each
   block fitted to its source block's output on the training images, in network order.
 * Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
-  ``--task-loss-weight``, cross-entropy on the folder labels; without a teacher, that cross-entropy alone. timm's ``create_optimizer_v2``,
-  ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup`` (``--mixup`` / ``--cutmix``:
-  teacher and student see the same mixed images). BatchNorm statistics stay frozen (few images per
-  batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
+  ``--task-loss-weight``, cross-entropy on the folder labels; without a teacher, that cross-entropy alone.
+  timm's ``create_optimizer_v2``, ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup``
+  (``--mixup`` / ``--cutmix``: teacher and student see the same mixed images). BatchNorm statistics stay frozen
+  (few images per batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
 * Mixed precision (``--amp``, ``--amp-dtype``): torch autocast; the FFT, polynomial and LayerNorm
   layers compute in float32 inside it (``promote_half``); float16 uses a ``GradScaler``.
 * Checkpoints: ``OUTPUT/last.pt`` every ``--checkpoint-every`` steps, written atomically, holding the
@@ -22,8 +22,8 @@ without a teacher, the same loop trains from the labels alone (``afconvert train
   from it by themselves (the checkpoint names its launch: rank 0's host, launcher pid and rendezvous
   id; another launch's run in ``--output`` is still refused). ``OUTPUT/teacher.pt`` (the teacher's
   weights, the same on every process and after a resume), ``OUTPUT/log.csv`` (one row per step),
-  ``OUTPUT/curves.png`` (loss and agreement with the teacher, or with the labels), ``OUTPUT/final.pt`` (an afconvert
-  checkpoint: ``afconvert.load``).
+  ``OUTPUT/curves.png`` (loss and agreement with the teacher, or with the labels), ``OUTPUT/final.pt`` (an
+  afconvert checkpoint: ``afconvert.load``, with the data config it was trained at).
 * Training changes only weights: every layer keeps its class, so the certificate still holds; the final
   report re-runs it, numerics included.
 """
