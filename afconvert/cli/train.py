@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from afconvert.cli.common import guarded, model_kwargs
-from afconvert.cli.finetune import add_training_arguments, report, training_config
+from afconvert.cli.training import add_training_arguments, report, training_config
 
 __all__ = ["run"]
 
