@@ -88,6 +88,11 @@ class ArrayImage:
     def __repr__(self) -> str:
         return f"ArrayImage({self.index})"
 
+    @property
+    def name(self) -> str:
+        """What messages call it, as they call a file by its name."""
+        return f"image {self.index}"
+
 
 def idx_split(root: str | Path, split: str = "train", flag: str = "--data"):
     """(images (N, H, W[, C]) uint8, labels (N,) int64, split name) of the IDX pair of ``split`` in ``root``

@@ -82,3 +82,18 @@ def idx_folder(root, n=12, gz=True, seed=0, splits=("train", "t10k")):
         out[split] = (images, labels)
     return out
 
+
+
+class Killed(BaseException):
+    """What ``kill_after`` raises in-process: like a kill, nothing after it runs (not caught as an Exception)."""
+
+
+def kill_after(step: int, hard: bool = True):
+    """A training step hook that ends the process after update ``step``, as a kill would: ``os._exit(17)``
+    (nothing after it is saved), or, with ``hard=False``, raising ``Killed`` so an in-process test goes on."""
+    def hook(at: int) -> None:
+        if at == step:
+            if hard:
+                os._exit(17)
+            raise Killed(step)
+    return hook

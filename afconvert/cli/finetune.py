@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct-steps", type=int, default=100, help="Adam steps per block")
     p.add_argument("--reconstruct-batches", type=int, default=4, help="batches of training crops to fit blocks on")
     p.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    p.add_argument("--blend", type=float, default=0.0, metavar="F", help="progressive replacement: each replaced "
+                   "layer as lambda * source + (1 - lambda) * alias-free, lambda annealed from 1 to 0 over the first "
+                   "fraction F of the steps (0: off); not alias-free until it ends")
+    p.add_argument("--blend-order", default="all", choices=("all", "progressive"),
+                   help="all layers at once, or front to back (default all)")
     add_training_arguments(p)
     return p
 
@@ -86,7 +91,8 @@ def _main(argv: Sequence[str]) -> int:
     student, teacher = _models(args)
     cfg = training_config(args, kd_temperature=args.kd_temperature, task_loss_weight=args.task_loss_weight,
                           reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps,
-                          reconstruct_batches=args.reconstruct_batches, reconstruct_lr=args.reconstruct_lr)
+                          reconstruct_batches=args.reconstruct_batches, reconstruct_lr=args.reconstruct_lr,
+                          blend=args.blend, blend_order=args.blend_order)
     return report(finetune(student, teacher, cfg, log=log), rank)
 
 

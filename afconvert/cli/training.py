@@ -12,6 +12,10 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float = 1e-4, train_b
     p.add_argument("--data", required=True, metavar="DIR", help="images (any layout; class folders give labels), or "
                    "an IDX folder (MNIST family: *-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz])")
     p.add_argument("--split", default="train", help="the split of an IDX --data folder: train (default) or test")
+    p.add_argument("--val-data", metavar="DIR", help="held-out labelled images (class folders or an IDX folder): "
+                   "top-1 after each epoch, in OUTPUT/val.csv and the curves")
+    p.add_argument("--val-split", default="test", help="the split of an IDX --val-data folder (default test)")
+    p.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images only")
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: last.pt, log.csv, curves.png, final.pt")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size of models given by name")
     p.add_argument("--in-chans", type=int, default=None, help="input channels of models given by name (1: grayscale)")
@@ -53,7 +57,8 @@ def training_config(args, **extra):
     """The ``FinetuneConfig`` the shared arguments (and ``extra`` fields) describe."""
     from afconvert.train.finetune import FinetuneConfig
     return FinetuneConfig(
-        data=args.data, output=args.output, split=args.split, epochs=args.epochs, steps=args.steps,
+        data=args.data, output=args.output, split=args.split, val_data=args.val_data, val_split=args.val_split,
+        val_limit=args.val_limit, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, input_size=tuple(args.input_size) if args.input_size else None,
         scale=tuple(args.scale), opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, sched=args.sched,
         warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad, grad_accum_steps=args.grad_accum_steps,
@@ -69,5 +74,7 @@ def report(summary: dict, rank: int) -> int:
         print(f"trained {summary['steps']} steps on {summary['world_size']} process(es); "
               f"{summary['skipped_images']} unreadable image(s) skipped")
         print(f"wrote {summary['final']} (afconvert.load)" + (f" and {summary['curves']}" if summary["curves"] else ""))
+        if summary.get("val_top1") is not None:
+            print(f"validation top-1: {summary['val_top1']:.2f} %")
         print(f"certificate after training: {summary['verdict']}")
     return 0 if rank != 0 or summary["stable"] else 1

@@ -2,28 +2,33 @@
 GPUs (``torchrun``: ``torch.distributed`` DDP, NCCL on GPUs and gloo on CPUs, a ``DistributedSampler``);
 without a teacher, the same loop trains from the labels alone (``afconvert train``: cross-entropy).
 
+The loop is split as timm's train.py is: ``setup`` builds the run (data, models, optimizer, scheduler, EMA,
+resumed state), ``train_one_step`` takes one optimizer update, ``validate`` measures top-1 on held-out
+images, a ``Checkpointer`` (``afconvert.train.checkpointer``) writes and resumes ``OUTPUT/last.pt``, and
+``finetune`` runs them. ``register_step_hook(fn)`` calls ``fn(step)`` after every update (and its checkpoint).
+
 * Data: every image under ``--data`` (class folders give labels for the optional task loss; unlabeled
-  folders work), timm's training transform (random resized crop, flip, RandAugment) at the student's
-  mean/std. Each sample's augmentation is seeded by (seed, epoch, index): a run is reproducible
-  whatever the number of workers, and a resumed run sees exactly the images the killed one would have.
-* Optional block-wise reconstruction first (``--reconstruct``, ``afconvert.train.reconstruct``): each
-  block fitted to its source block's output on the training images, in network order.
+  folders work) or an IDX folder's split, timm's training transform (random resized crop, flip, RandAugment)
+  at the student's mean/std. Each sample's augmentation is seeded by (seed, epoch, index): a run is
+  reproducible whatever the number of workers, and a resumed run sees exactly the images the killed one
+  would have. ``--val-data`` (an IDX folder's ``--val-split``, or labelled class folders): top-1 after each
+  epoch, in ``OUTPUT/val.csv`` and the curves.
+* Optional block-wise reconstruction first (``--reconstruct``, ``afconvert.train.reconstruct``), and optional
+  progressive replacement (``--blend F``, ``afconvert.train.blend``): each replaced layer a blend of its source
+  and alias-free form, lambda annealed from 1 to 0 over the first fraction F of the updates, after which the
+  network is exactly the converted one (it is not alias-free before: the log and ``log.csv`` say so).
 * Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
-  ``--task-loss-weight``, cross-entropy on the folder labels; without a teacher, that cross-entropy alone.
+  ``--task-loss-weight``, cross-entropy on the labels; without a teacher, that cross-entropy alone.
   timm's ``create_optimizer_v2``, ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup``
   (``--mixup`` / ``--cutmix``: teacher and student see the same mixed images). BatchNorm statistics stay frozen
   (few images per batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
 * Mixed precision (``--amp``, ``--amp-dtype``): torch autocast; the FFT, polynomial and LayerNorm
   layers compute in float32 inside it (``promote_half``); float16 uses a ``GradScaler``.
-* Checkpoints: ``OUTPUT/last.pt`` every ``--checkpoint-every`` steps, written atomically, holding the
-  model, optimizer, scheduler, EMA, grad scaler, step and every rank's RNG (the first one as soon as
-  the run starts, the next after reconstruction); ``--resume`` continues from it and loses at most
-  the steps since. Under ``torchrun --max-restarts N`` the restarted workers of the same launch resume
-  from it by themselves (the checkpoint names its launch: rank 0's host, launcher pid and rendezvous
-  id; another launch's run in ``--output`` is still refused). ``OUTPUT/teacher.pt`` (the teacher's
-  weights, the same on every process and after a resume), ``OUTPUT/log.csv`` (one row per step),
-  ``OUTPUT/curves.png`` (loss and agreement with the teacher, or with the labels), ``OUTPUT/final.pt`` (an
-  afconvert checkpoint: ``afconvert.load``, with the data config it was trained at).
+* Outputs: ``OUTPUT/last.pt`` every ``--checkpoint-every`` updates (the first as soon as the run starts),
+  ``OUTPUT/teacher.pt`` (the teacher's weights, the same on every process and after a resume),
+  ``OUTPUT/log.csv`` (one row per update), ``OUTPUT/curves.png`` (loss, agreement with the teacher or the
+  labels, validation top-1), ``OUTPUT/final.pt`` (an afconvert checkpoint: ``afconvert.load``, with the data
+  config it was trained at).
 * Training changes only weights: every layer keeps its class, so the certificate still holds; the final
   report re-runs it, numerics included.
 """
@@ -35,17 +40,19 @@ import io
 import math
 import os
 import random
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from afconvert.atomic import atomic_write
 from afconvert.data import (
@@ -56,16 +63,27 @@ from afconvert.data import (
     set_data_config,
     training_samples,
 )
+from afconvert.train.blend import BLEND_ORDERS, blend, blended, set_blend, unblend
+from afconvert.train.checkpointer import TRAIN_FORMAT, Checkpointer, restart_count, set_rng_state
 from afconvert.train.distill import agreement, kd_loss
 
-__all__ = ["FinetuneConfig", "FinetuneError", "finetune", "TRAIN_FORMAT"]
+__all__ = ["FinetuneConfig", "FinetuneError", "finetune", "setup", "train_one_step", "validate",
+           "register_step_hook", "TRAIN_FORMAT"]
 
-TRAIN_FORMAT = "afconvert-train/1"
-KILL_ENV = "AFCONVERT_TEST_KILL_AFTER_STEP"   # tests: exit abruptly after this step, as a killed run would
+_step_hooks: OrderedDict[int, Callable[[int], None]] = OrderedDict()
 
 
 class FinetuneError(DataError):
     """A fine-tuning input that cannot work; the message names the fix."""
+
+
+def register_step_hook(hook: Callable[[int], None]) -> RemovableHandle:
+    """Call ``hook(step)`` after every optimizer update of every run (after that step's checkpoint, if one
+    is due); ``.remove()`` the returned handle to stop."""
+    handle = RemovableHandle(_step_hooks)
+    _step_hooks[handle.id] = hook
+    return handle
+
 
 
 @dataclass
@@ -95,6 +113,11 @@ class FinetuneConfig:
     reconstruct_steps: int = 100        # Adam steps per block
     reconstruct_batches: int = 4        # batches of training crops it fits on
     reconstruct_lr: float = 1e-3
+    blend: float = 0.0                  # fraction of the updates over which replaced layers anneal (0: off)
+    blend_order: str = "all"            # "all" at once, or "progressive" (front to back)
+    val_data: str | None = None         # held-out images: top-1 after each epoch
+    val_split: str = "test"             # the split of an IDX --val-data folder
+    val_limit: int | None = None        # the first N held-out images only
     model_ema: bool = False
     model_ema_decay: float = 0.999
     train_bn: bool = False
@@ -133,7 +156,7 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
         # (--max-restarts) restarts share the store of the attempt before, whose stale addresses would
         # otherwise be read as theirs (gloo: "connectFullMesh failed ... Connection refused")
         store, rank, world = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"afconvert/attempt_{_restart_count()}", store)
+        store = dist.PrefixStore(f"afconvert/attempt_{restart_count()}", store)
         dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if use_cuda:
@@ -149,19 +172,6 @@ def _all_mean(values: list[float], world: int, device) -> list[float]:
         dist.all_reduce(t)
         t /= world
     return t.tolist()
-
-
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def _freeze_bn(model: nn.Module) -> None:
@@ -189,83 +199,12 @@ def _same_teacher(teacher: nn.Module, path: Path, resuming: bool, rank: int, wor
         atomic_write(path, lambda fh: torch.save(state, fh))
 
 
-def _read_state(path: Path) -> dict:
-    from afconvert.sources.models import load_error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FinetuneError(f"--resume: cannot read {path}: {load_error(exc)}; fix: start a new run in another "
-                            f"--output") from None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        raise FinetuneError(f"--resume: {path} is not an afconvert fine-tuning checkpoint; fix: point --output at "
-                            f"the folder of the run to resume")
-    return state
-
-
-def _restart_count() -> int:
-    """How many times torchrun (``--max-restarts``) has restarted this launch's workers; 0 outside it."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def _launch_id(world: int) -> str:
-    """Names this launch, the same in each restart of its workers and different for another launch: rank
-    0's host, its launcher's pid (torchrun's agent is the workers' parent) and the rendezvous id."""
-    launch = [f"{socket.gethostname()}:{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"]
-    if world > 1:
-        dist.broadcast_object_list(launch, src=0)
-    return launch[0]
-
-
-def _resume_state(out: Path, resume: bool, launch: str = "") -> dict | None:
-    """The state of the checkpoint to resume from (``out/last.pt``), or None; refuse to overwrite another
-    run. A restarted worker (``_restart_count() > 0``) resumes its own launch's checkpoint without
-    ``--resume``."""
-    last = out / "last.pt"
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"--output {out} is a file; fix: give a folder")
-    if resume:
-        if not last.is_file():
-            raise FinetuneError(f"--resume: no checkpoint {last}; fix: drop --resume to start a new run")
-        return _read_state(last)
-    if _restart_count() and last.is_file():
-        state = _read_state(last)
-        if state.get("launch") == launch:
-            return state
-    if out.is_dir() and any((out / n).exists() for n in ("last.pt", "log.csv", "final.pt", "teacher.pt")):
-        raise FinetuneError(f"--output {out} holds another run; fix: --resume to continue it, or choose another "
-                            f"--output")
-    return None
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buf.getvalue())
-
-
-def _plot(rows: list[dict], path: Path, versus: str = "the teacher") -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    steps = [int(r["step"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(steps, [float(r["loss"]) for r in rows])
-    a.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
-    b.plot(steps, [100 * float(r["agreement"]) for r in rows])
-    b.set(xlabel="step", ylabel=f"top-1 agreement with {versus} (%)", ylim=(-2, 102), title="agreement (batch)")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return True
 
 
 def _amp(cfg: FinetuneConfig, device: torch.device):
@@ -291,14 +230,127 @@ def _reconstruction_batches(images: "_SeededImages", cfg: FinetuneConfig, device
     return [b.to(device) for b in torch.split(x, cfg.batch_size)]
 
 
-def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, log=print) -> dict:
-    """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says, or, with no teacher,
-    train it from the data's labels; returns a summary {"steps", "final", "verdict", ...}. Rank 0 writes every
-    output."""
+def _read_csv(path: Path, upto: int) -> list[dict]:
+    """The rows of a run's CSV up to ``upto`` (its step column), as a resumed run keeps them."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+
+
+def _plot(rows: list[dict], val: list[dict], path: Path, versus: str = "the teacher") -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 3 if val else 2, figsize=(15 if val else 10, 3.5))
+    axes[0].plot(steps, [float(r["loss"]) for r in rows])
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    axes[1].plot(steps, [100 * float(r["agreement"]) for r in rows])
+    axes[1].set(xlabel="step", ylabel=f"top-1 agreement with {versus} (%)", ylim=(-2, 102), title="agreement (batch)")
+    if val:
+        axes[2].plot([float(r["epoch"]) for r in val], [float(r["top1"]) for r in val], marker="o")
+        axes[2].set(xlabel="epoch", ylabel="top-1 (%)", title="validation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+@dataclass
+class _Run:
+    """What ``setup`` builds and the loop changes: one run's data, models, optimizer and progress."""
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    checkpointer: Checkpointer
+    student: nn.Module
+    teacher: nn.Module | None
+    images: _SeededImages
+    sampler: torch.utils.data.DistributedSampler
+    dcfg: dict
+    size: tuple[int, int]
+    chans: int
+    classes: int
+    per_epoch: int                  # optimizer updates per epoch
+    total: int                      # optimizer updates in the run
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: object | None
+    scaler: torch.amp.GradScaler
+    autocast: Callable
+    mixup: object | None
+    blend_until: int                # the update at which every blend reaches lambda = 0 (0: no blend)
+    step: int = 0
+    reconstructed: bool = False
+    rows: list[dict] = field(default_factory=list)
+    val_rows: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    model: nn.Module | None = None  # the student, DDP-wrapped on several processes
+
+    def wrap(self) -> None:
+        self.model = nn.parallel.DistributedDataParallel(self.student) if self.world > 1 else self.student
+
+    def save(self) -> None:
+        """``last.pt`` (every rank takes part)."""
+        self.checkpointer.save(
+            step=self.step, config=asdict(self.cfg), model=self.student.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, reconstructed=self.reconstructed)
+
+
+def _check_models(student, teacher, cfg, folders, samples, chans, size, device) -> int:
+    """The student's number of classes, after checking teacher and data agree with it."""
+    if teacher is None and (not folders or any(c < 0 for _, c in samples)):
+        raise FinetuneError(f"training from labels needs labelled images, and {cfg.data} has none; fix: class "
+                            f"folders (DIR/<class>/<image>) or an IDX folder")
+    if teacher is None and (cfg.reconstruct or cfg.blend):
+        raise FinetuneError("--reconstruct and --blend start from a teacher (the source model), and this run has "
+                            "none; fix: drop them")
+    if not 0.0 <= cfg.blend <= 1.0 or cfg.blend_order not in BLEND_ORDERS:
+        raise FinetuneError(f"--blend {cfg.blend} --blend-order {cfg.blend_order}: fix: a fraction of the run in "
+                            f"[0, 1] and an order among {', '.join(BLEND_ORDERS)}")
+    with torch.no_grad():
+        probe = torch.zeros(1, chans, *size, device=device)
+        k_s = student.eval()(probe).shape[-1]
+        k_t = teacher(probe).shape[-1] if teacher is not None else k_s
+    if k_s != k_t:
+        raise FinetuneError(f"the student has {k_s} classes, the teacher {k_t}; fix: a teacher of the same classes "
+                            f"(--teacher, --num-classes)")
+    if (cfg.task_loss_weight or teacher is None) and folders and len(folders) > k_s:
+        raise FinetuneError(f"{len(folders)} classes in the data for a {k_s}-class model; fix: --num-classes "
+                            f"{len(folders)}" + (" or --task-loss-weight 0" if teacher is not None else ""))
+    return k_s
+
+
+def _blend(run: _Run, log) -> None:
+    """Wrap the replaced layers in blends (lambda = 1), and the EMA's copy alike."""
+    paths = blend(run.student, run.teacher)
+    if run.ema is not None:
+        blend(run.ema.module, run.teacher)
+    if not paths:
+        raise FinetuneError("--blend: no layer of the student differs from its teacher's; fix: drop --blend, or "
+                            "distil from the source model (no --teacher)")
+    log(f"blend: {len(paths)} replaced layers as lambda * source + (1 - lambda) * alias-free ({run.cfg.blend_order}), "
+        f"annealed to 0 by step {run.blend_until}; NOT alias-free until then")
+
+
+def setup(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, log=print) -> _Run:
+    """Build the run ``cfg`` describes, resumed from ``OUTPUT/last.pt`` when there is one to resume."""
     rank, world, device = _distributed(cfg.device)
     out = Path(cfg.output)
-    launch = _launch_id(world)
-    state = _resume_state(out, cfg.resume, launch)
+    checkpointer = Checkpointer(out, rank, world)
+    state = checkpointer.resume_state(cfg.resume)
     samples, folders = training_samples(cfg.data, split=cfg.split)
     from timm.data import Mixup, create_transform
     dcfg = data_config(student)
@@ -311,7 +363,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
     sampler = torch.utils.data.DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=True)
     accum = max(1, int(cfg.grad_accum_steps))
-    per_epoch = len(sampler) // (cfg.batch_size * accum)          # optimizer updates per epoch
+    per_epoch = len(sampler) // (cfg.batch_size * accum)
     if per_epoch == 0:
         raise FinetuneError(f"{len(samples)} images for batches of {cfg.batch_size} x {accum} accumulation step(s) "
                             f"on {world} process(es); fix: a smaller --batch-size or --grad-accum-steps, or more "
@@ -321,30 +373,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
     total = cfg.steps or cfg.epochs * per_epoch
 
     student.to(device)
-    if teacher is None and (not folders or any(c < 0 for _, c in samples)):
-        raise FinetuneError(f"training from labels needs labelled images, and {cfg.data} has none; fix: class "
-                            f"folders (DIR/<class>/<image>) or an IDX folder")
-    if teacher is None and cfg.reconstruct:
-        raise FinetuneError("--reconstruct fits blocks to a teacher's, and this run has none; fix: drop it")
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    with torch.no_grad():
-        probe = torch.zeros(1, chans, *size, device=device)
-        k_s = student.eval()(probe).shape[-1]
-        k_t = teacher(probe).shape[-1] if teacher is not None else k_s
-    if k_s != k_t:
-        raise FinetuneError(f"the student has {k_s} classes, the teacher {k_t}; fix: a teacher of the same classes "
-                            f"(--teacher, --num-classes)")
-    if (cfg.task_loss_weight or teacher is None) and folders and len(folders) > k_s:
-        raise FinetuneError(f"{len(folders)} classes in the data for a {k_s}-class model; fix: --num-classes "
-                            f"{len(folders)}" + (" or --task-loss-weight 0" if teacher is not None else ""))
+    classes = _check_models(student, teacher, cfg, folders, samples, chans, size, device)
     autocast, scaler = _amp(cfg, device)
-    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=k_s) \
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=classes) \
         if cfg.mixup or cfg.cutmix else None
-
-    if state is not None and state["world_size"] != world:
-        raise FinetuneError(f"--resume: the run used {state['world_size']} process(es), this one {world}; fix: "
-                            f"resume with --nproc_per_node={state['world_size']}")
     if teacher is not None:
         _same_teacher(teacher, out / "teacher.pt", state is not None, rank, world)
 
@@ -356,7 +390,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
                                        warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
     ema = ModelEmaV3(student, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    step, rows, reconstructed = 0, [], False
+    run = _Run(cfg=cfg, rank=rank, world=world, device=device, out=out, checkpointer=checkpointer, student=student,
+               teacher=teacher, images=images, sampler=sampler, dcfg=dcfg, size=size, chans=chans, classes=classes,
+               per_epoch=per_epoch, total=total, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler,
+               autocast=autocast, mixup=mixup, blend_until=math.ceil(cfg.blend * total) if cfg.blend else 0)
+    if run.blend_until and (state is None or int(state["step"]) < run.blend_until):
+        _blend(run, log)        # the blended parameters are frozen copies: the optimizer's stay the student's
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -365,135 +404,205 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
             ema.load_state_dict(state["ema"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        reconstructed = bool(state.get("reconstructed"))
-        _set_rng_state(state["rng"][rank])
-        if (out / "log.csv").is_file():
-            with open(out / "log.csv", newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        restarted = f" (torchrun restart {_restart_count()})" if not cfg.resume else ""
-        log(f"resumed {out / 'last.pt'} at step {step}{restarted}")
+        run.step = int(state["step"])
+        run.reconstructed = bool(state.get("reconstructed"))
+        set_rng_state(state["rng"][rank])
+        run.rows = _read_csv(out / "log.csv", run.step)
+        run.val_rows = _read_csv(out / "val.csv", run.step)
+        restarted = f" (torchrun restart {restart_count()})" if not cfg.resume else ""
+        log(f"resumed {checkpointer.path} at step {run.step}{restarted}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if rows:
-            _write_csv(out / "log.csv", rows)
-
-    def save_checkpoint() -> None:
-        rng = [None] * world
-        if world > 1:
-            dist.all_gather_object(rng, _rng_state())
-        else:
-            rng = [_rng_state()]
-        if rank == 0:
-            state = {"format": TRAIN_FORMAT, "step": step, "world_size": world, "launch": launch,
-                     "config": asdict(cfg), "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "reconstructed": reconstructed, "rng": rng}
-            atomic_write(out / "last.pt", lambda fh: torch.save(state, fh))
-
+        if run.rows:
+            _write_csv(out / "log.csv", run.rows)
     if state is None:
-        save_checkpoint()       # a run killed from here on resumes with --resume
-    if cfg.reconstruct and not reconstructed and step == 0:
-        if rank == 0:
-            from afconvert.train.reconstruct import reconstruct
-            batches = _reconstruction_batches(images, cfg, device)
-            reconstruct(student, teacher, batches, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, log=log)
-        if world > 1:           # every process starts distillation from rank 0's reconstructed weights
-            for t in student.state_dict().values():
-                dist.broadcast(t, src=0)
-        if ema is not None:
-            ema = ModelEmaV3(student, decay=cfg.model_ema_decay)
-        reconstructed = True
-        save_checkpoint()
-    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        run.save()              # a run killed from here on resumes with --resume
+    if cfg.reconstruct and not run.reconstructed and run.step == 0:
+        _reconstruct(run, log)
+    run.wrap()
+    return run
 
+
+def _reconstruct(run: _Run, log) -> None:
+    """Block-wise reconstruction (rank 0), its weights broadcast to every process; checkpointed."""
+    if run.rank == 0:
+        from afconvert.train.reconstruct import reconstruct
+        batches = _reconstruction_batches(run.images, run.cfg, run.device)
+        reconstruct(run.student, run.teacher, batches, steps=run.cfg.reconstruct_steps, lr=run.cfg.reconstruct_lr,
+                    log=log)
+    if run.world > 1:
+        for t in run.student.state_dict().values():
+            dist.broadcast(t, src=0)
+    if run.ema is not None:
+        from timm.utils import ModelEmaV3
+        run.ema = ModelEmaV3(run.student, decay=run.cfg.model_ema_decay)
+    run.reconstructed = True
+    run.save()
+
+
+def train_one_step(run: _Run, group: list) -> dict:
+    """One optimizer update on ``group`` (``grad_accum_steps`` collated batches); returns its log row."""
+    cfg, model, student, teacher = run.cfg, run.model, run.student, run.teacher
+    accum = len(group)
+    t0 = time.perf_counter()
+    if run.blend_until:
+        lam = set_blend(student, run.step / run.blend_until, cfg.blend_order) if blended(student) else 0.0
+    model.train()
+    if not cfg.train_bn:
+        _freeze_bn(student)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses, agrees, seen = [], [], 0
+    for i, (x, y, skipped) in enumerate(group):
+        run.skipped += skipped
+        if x is None:
+            x, y = torch.zeros(0, run.chans, *run.size), torch.zeros(0, dtype=torch.long)
+        x, y = x.to(run.device), y.to(run.device)
+        soft = None
+        if run.mixup is not None and len(x) % 2 == 0 and len(x):
+            x, soft = run.mixup(x, y.clamp_min(0))
+        sync = run.world == 1 or i == accum - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with run.autocast():
+                with torch.no_grad():
+                    t = teacher(x).float() if teacher is not None else F.one_hot(y.clamp_min(0), run.classes)
+                s = model(x)
+            s = s.float()
+            loss = kd_loss(s, t, cfg.kd_temperature)[0] if teacher is not None else None
+            if loss is None:
+                loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
+            weight = cfg.task_loss_weight if teacher is not None else 1.0
+            if weight and len(y) and (y >= 0).all():
+                ok = torch.isfinite(s).all(1)
+                if ok.any():
+                    target = soft if soft is not None else F.one_hot(y, run.classes).float()
+                    task = -(target[ok] * F.log_softmax(s[ok], 1)).sum(1).mean()
+                    loss = loss + weight * task
+            run.scaler.scale(loss / accum).backward()
+        losses.append(float(loss.detach()))
+        agrees.append(agreement(s.detach(), t).float().mean().item() if len(x) else 0.0)
+        seen += len(x)
+    if cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    run.scheduler.step_update(num_updates=run.step)
+    if run.ema is not None:
+        run.ema.update(student, step=run.step)
+    mean_loss, mean_agree = _all_mean([sum(losses) / accum, sum(agrees) / accum], run.world, run.device)
+    rate = seen * run.world / max(time.perf_counter() - t0, 1e-9)
+    row = {"step": run.step, "epoch": (run.step - 1) // run.per_epoch, "loss": f"{mean_loss:.6g}",
+           "agreement": f"{mean_agree:.4f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.6g}"}
+    if run.blend_until:
+        row["blend"] = f"{lam:.4f}"
+    row["images_per_s"] = f"{rate:.1f}"
+    return row
+
+
+def _validation_images(cfg: FinetuneConfig, dcfg: dict, chans: int, size) -> ImageDataset:
+    from timm.data import create_transform
+    samples, _ = training_samples(cfg.val_data, flag="--val-data", split=cfg.val_split)
+    if any(c < 0 for _, c in samples):
+        raise FinetuneError(f"--val-data {cfg.val_data} has no labels; fix: class folders or an IDX folder")
+    if cfg.val_limit:
+        samples = samples[:cfg.val_limit]
+    transform = create_transform(input_size=(chans, *size), is_training=False, mean=dcfg["mean"], std=dcfg["std"],
+                                 interpolation=dcfg["interpolation"], crop_pct=dcfg.get("crop_pct"),
+                                 crop_mode=dcfg.get("crop_mode"))
+    return ImageDataset(samples, transform, image_mode(dcfg))
+
+
+@torch.no_grad()
+def validate(model: nn.Module, images: ImageDataset, batch_size: int, device, rank: int = 0, world: int = 1) -> float:
+    """Top-1 (%) of ``model`` on ``images`` (each process its share, summed over all)."""
+    was = model.training
+    model.eval()
+    share = list(range(rank, len(images), world))
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=share,
+                                         collate_fn=ImageDataset.collate)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y, _ in loader:
+        if x is None:
+            continue
+        counts[0] += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        counts[1] += len(y)
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was)
+    return float(100 * counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def _end_of_blend(run: _Run, log) -> None:
+    """lambda = 0 everywhere: the alias-free modules replace the blends; the network is the converted one."""
+    n = unblend(run.student)
+    if run.ema is not None:
+        unblend(run.ema.module)
+    run.wrap()
+    log(f"blend done at step {run.step}: {n} layers are their alias-free form alone")
+
+
+def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, log=print) -> dict:
+    """Distil ``teacher`` into the converted ``student`` (trained in place) as ``cfg`` says, or, with no teacher,
+    train it from the data's labels; returns a summary {"steps", "final", "verdict", "val_top1", ...}. Rank 0
+    writes every output."""
+    run = setup(student, teacher, cfg, log)
+    val = _validation_images(cfg, run.dcfg, run.chans, run.size) if cfg.val_data else None
+    out, accum = run.out, max(1, int(cfg.grad_accum_steps))
+    def validation() -> None:
+        top1 = validate(run.student, val, cfg.batch_size, run.device, run.rank, run.world)
+        run.val_rows.append({"step": run.step, "epoch": f"{run.step / run.per_epoch:.4g}", "top1": f"{top1:.2f}"})
+        log(f"step {run.step} (epoch {run.step / run.per_epoch:.3g}): validation top-1 {top1:.2f} %")
+
+    if val is not None and run.step == 0 and not run.val_rows:
+        validation()            # where training starts from
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, leave=False,
-               disable=rank != 0 or not cfg.progress)
-    skipped_total, kill_at = 0, int(os.environ.get(KILL_ENV, "0")) if not _restart_count() else 0
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        sampler.set_epoch(epoch)
-        images.epoch = epoch
-        order = list(sampler)[offset * accum * cfg.batch_size: per_epoch * accum * cfg.batch_size]
-        loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order,
+    bar = tqdm(total=run.total, initial=run.step, desc="finetune", unit="step", file=sys.stderr, leave=False,
+               disable=run.rank != 0 or not cfg.progress)
+    while run.step < run.total:
+        epoch, offset = divmod(run.step, run.per_epoch)
+        run.sampler.set_epoch(epoch)
+        run.images.epoch = epoch
+        order = list(run.sampler)[offset * accum * cfg.batch_size: run.per_epoch * accum * cfg.batch_size]
+        loader = torch.utils.data.DataLoader(run.images, batch_size=cfg.batch_size, sampler=order,
                                              collate_fn=ImageDataset.collate, num_workers=cfg.workers)
         batches = iter(loader)
-        while step < total:
+        while run.step < run.total:
             group = [b for _, b in zip(range(accum), batches)]
             if len(group) < accum:
                 break
-            t0 = time.perf_counter()
-            model.train()
-            if not cfg.train_bn:
-                _freeze_bn(student)
-            optimizer.zero_grad(set_to_none=True)
-            losses, agrees, seen = [], [], 0
-            for i, (x, y, skipped) in enumerate(group):
-                skipped_total += skipped
-                if x is None:
-                    x, y = torch.zeros(0, chans, *size), torch.zeros(0, dtype=torch.long)
-                x, y = x.to(device), y.to(device)
-                soft = None
-                if mixup is not None and len(x) % 2 == 0 and len(x):
-                    x, soft = mixup(x, y.clamp_min(0))
-                sync = world == 1 or i == accum - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with autocast():
-                        with torch.no_grad():
-                            t = teacher(x).float() if teacher is not None else F.one_hot(y.clamp_min(0), k_s)
-                        s = model(x)
-                    s = s.float()
-                    loss = kd_loss(s, t, cfg.kd_temperature)[0] if teacher is not None else None
-                    if loss is None:
-                        loss = s.sum() * 0.0          # no finite row: a zero step (every rank still takes part)
-                    weight = cfg.task_loss_weight if teacher is not None else 1.0
-                    if weight and len(y) and (y >= 0).all():
-                        ok = torch.isfinite(s).all(1)
-                        if ok.any():
-                            target = soft if soft is not None else F.one_hot(y, k_s).float()
-                            task = -(target[ok] * F.log_softmax(s[ok], 1)).sum(1).mean()
-                            loss = loss + weight * task
-                    scaler.scale(loss / accum).backward()
-                losses.append(float(loss.detach()))
-                agrees.append(agreement(s.detach(), t).float().mean().item() if len(x) else 0.0)
-                seen += len(x)
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(student, step=step)
-            mean_loss, mean_agree = _all_mean([sum(losses) / accum, sum(agrees) / accum], world, device)
-            rate = seen * world / max(time.perf_counter() - t0, 1e-9)
-            rows.append({"step": step, "epoch": epoch, "loss": f"{mean_loss:.6g}", "agreement": f"{mean_agree:.4f}",
-                         "lr": f"{optimizer.param_groups[0]['lr']:.6g}", "images_per_s": f"{rate:.1f}"})
-            bar.set_postfix(loss=f"{mean_loss:.3g}", agree=f"{mean_agree:.2f}", img_s=f"{rate:.0f}")
+            row = train_one_step(run, group)
+            run.rows.append(row)
+            bar.set_postfix(loss=row["loss"], agree=row["agreement"], img_s=row["images_per_s"])
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == total:
-                save_checkpoint()
-                if rank == 0:
-                    _write_csv(out / "log.csv", rows)
-            if kill_at and step == kill_at:
-                os._exit(17)  # a kill, as far as this run can tell: nothing after this step is saved
+            if run.blend_until and run.step >= run.blend_until and blended(run.student):
+                _end_of_blend(run, log)
+            if val is not None and (run.step % run.per_epoch == 0 or run.step == run.total):
+                validation()
+            if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
+                run.save()
+                if run.rank == 0:
+                    _write_csv(out / "log.csv", run.rows)
+                    if val is not None:
+                        _write_csv(out / "val.csv", run.val_rows)
+            for hook in list(_step_hooks.values()):
+                hook(run.step)
     bar.close()
-    summary = {"steps": step, "skipped_images": skipped_total, "world_size": world}
-    if rank == 0:
-        final = ema.module if ema is not None else student
-        if ema is not None:
-            final.afconvert_info = student.afconvert_info
+    summary = {"steps": run.step, "skipped_images": run.skipped, "world_size": run.world,
+               "val_top1": float(run.val_rows[-1]["top1"]) if run.val_rows else None}
+    if run.rank == 0:
+        final = run.ema.module if run.ema is not None else run.student
+        if run.ema is not None:
+            final.afconvert_info = run.student.afconvert_info
         from afconvert.converter.engine import audit
         from afconvert.sources.checkpoint import save
-        set_data_config(final, {**dcfg, "input_size": (chans, *size)})    # what it was trained on
+        set_data_config(final, {**run.dcfg, "input_size": (run.chans, *run.size)})    # what it was trained on
         save(final, out / "final.pt")
         report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])
-        plotted = _plot(rows, out / "curves.png", "the teacher" if teacher is not None else "the labels")
+        plotted = _plot(run.rows, run.val_rows, out / "curves.png",
+                        "the teacher" if teacher is not None else "the labels")
         summary.update(final=str(out / "final.pt"), verdict=report.verdict_text, stable=report.stable,
                        curves=str(out / "curves.png") if plotted else None)
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
     return summary

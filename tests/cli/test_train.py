@@ -3,7 +3,7 @@ loop: it runs on an IDX folder, resumes a killed run to the very state of an uni
 loads with its data config and certifies; `--recipe none` is the unconverted baseline."""
 import pytest
 import torch
-from conftest import idx_folder
+from conftest import Killed, idx_folder, kill_after
 
 import afconvert
 import afconvert.train.finetune as ft
@@ -24,15 +24,16 @@ def data(tmp_path_factory):
     return root
 
 
-def test_trains_resumes_exactly_and_certifies(data, tmp_path, monkeypatch, capsys):
+def test_trains_resumes_exactly_and_certifies(data, tmp_path, capsys):
     assert main(_argv(data, tmp_path / "whole")) == 0
     assert "certificate after training: certified" in capsys.readouterr().out
-    monkeypatch.setenv(ft.KILL_ENV, "2")
-    monkeypatch.setattr(ft.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
-    with pytest.raises(SystemExit):
-        main(_argv(data, tmp_path / "killed"))
+    handle = ft.register_step_hook(kill_after(2, hard=False))
+    try:
+        with pytest.raises(Killed):
+            main(_argv(data, tmp_path / "killed"))
+    finally:
+        handle.remove()
     assert not (tmp_path / "killed" / "final.pt").exists()
-    monkeypatch.delenv(ft.KILL_ENV)
     assert main(_argv(data, tmp_path / "killed", "--resume")) == 0
     whole, resumed = afconvert.load(tmp_path / "whole" / "final.pt"), afconvert.load(tmp_path / "killed" / "final.pt")
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())

@@ -1,7 +1,6 @@
 """`afconvert finetune`: distillation that runs, resumes exactly after a kill (torchrun, 2 processes,
 gloo), keeps the certificate, and refuses bad inputs in one line."""
 import multiprocessing
-import os
 import signal
 import uuid
 from pathlib import Path
@@ -9,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import idx_folder
+from conftest import Killed, idx_folder, kill_after
 from PIL import Image
 
 import afconvert
 from afconvert.cli import main
 from afconvert.train.distill import agreement, kd_loss
-from afconvert.train.finetune import KILL_ENV, TRAIN_FORMAT, FinetuneConfig, finetune
+from afconvert.train.finetune import TRAIN_FORMAT, FinetuneConfig, finetune, register_step_hook
 
 MODEL = ["test_convnext", "--no-pretrained", "--num-classes", "3"]
 SMALL = ["--batch-size", "2", "--input-size", "32", "32", "--no-progress", "--aa", ""]
@@ -43,9 +42,11 @@ def test_kd_loss_leaves_out_non_finite_rows():
     assert agreement(t, t).all() and not agreement(s, t)[1]
 
 
-def _finetune_worker(env: dict, argv: list) -> int:
-    """A torchrun worker: the fork server's environment is the one it started with, so each run's own goes here."""
-    os.environ.update(env)
+def _finetune_worker(kill_at: int, argv: list) -> int:
+    """A torchrun worker, killed after update ``kill_at`` (0: never) in its first attempt (not in a restart)."""
+    from afconvert.train.checkpointer import restart_count
+    if kill_at and not restart_count():
+        register_step_hook(kill_after(kill_at))
     torch.set_num_threads(1)
     return main(argv)
 
@@ -54,7 +55,7 @@ def _too_long(signum, frame):
     raise TimeoutError("the 2-process fine-tuning run took over 300 s")
 
 
-def _torchrun(tmp_path, output, *extra, env=None, max_restarts=0):
+def _torchrun(tmp_path, output, *extra, kill_at=0, max_restarts=0):
     """A 2-process run through torchrun's own launcher (elastic agent, c10d rendezvous on a free port, gloo),
     its workers forked from one fork server that imported afconvert's training stack once for all runs (each
     torchrun command starts three interpreters that each import torch and timm); every run starts from the
@@ -73,7 +74,7 @@ def _torchrun(tmp_path, output, *extra, env=None, max_restarts=0):
     signal.signal(signal.SIGALRM, _too_long)
     signal.alarm(300)           # a hung run fails the test (the agent then stops its workers)
     try:
-        return elastic_launch(config, _finetune_worker)(env or {}, argv)
+        return elastic_launch(config, _finetune_worker)(kill_at, argv)
     except ChildFailedError as exc:
         return {rank: failure.exitcode for rank, failure in exc.failures.items()}
     finally:
@@ -86,7 +87,7 @@ def test_torchrun_killed_then_resumed_or_restarted_ends_in_the_same_state(data, 
     (tmp_path / "data").symlink_to(data)
     afconvert.save(afconvert.build("test_convnext", pretrained=False, num_classes=3).converted, tmp_path / "student.pt")
     assert _torchrun(tmp_path, tmp_path / "whole") == {0: 0, 1: 0}
-    killed = _torchrun(tmp_path, tmp_path / "killed", env={KILL_ENV: "3"})
+    killed = _torchrun(tmp_path, tmp_path / "killed", kill_at=3)
     assert set(killed.values()) == {17}                                             # killed after step 3 ...
     saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and not (tmp_path / "killed" / "final.pt").exists()   # ... last checkpoint: step 2
@@ -95,7 +96,7 @@ def test_torchrun_killed_then_resumed_or_restarted_ends_in_the_same_state(data, 
     out = capfd.readouterr().out
     # torchrun --max-restarts 1: the restarted workers resume by themselves (starting afresh, they would
     # refuse the folder and return 2)
-    assert _torchrun(tmp_path, tmp_path / "restarted", env={KILL_ENV: "3"}, max_restarts=1) == {0: 0, 1: 0}
+    assert _torchrun(tmp_path, tmp_path / "restarted", kill_at=3, max_restarts=1) == {0: 0, 1: 0}
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     for run in ("killed", "restarted"):
         b = torch.load(tmp_path / run / "last.pt", weights_only=True)
@@ -152,7 +153,7 @@ def test_an_idx_folder_trains_a_one_channel_model(tmp_path):
     ("restart_other_launch", "holds another run; fix: --resume"),
     ("no_checkpoint", "--resume: no checkpoint"),
     ("corrupt", "--resume: cannot read"),
-    ("foreign", "is not an afconvert fine-tuning checkpoint"),
+    ("foreign", "is not an afconvert training checkpoint"),
     ("classes", "the student has 3 classes, the teacher 5"),
 ])
 def test_bad_inputs_are_one_line_and_lose_nothing(case, message, data, tmp_path, capsys, monkeypatch):
@@ -239,18 +240,18 @@ def test_options_train_and_keep_the_certificate(extra, data, tmp_path, one_threa
         assert sum(m.startswith("reconstruct ") for m in logged) == len(reconstruction_units(student)) > 10
 
 
-def test_a_run_killed_before_its_first_step_resumes(data, tmp_path, monkeypatch):
+def test_a_run_killed_before_its_first_step_resumes(data, tmp_path):
     """The first checkpoint is written as the run starts: a kill at any moment leaves something to --resume."""
     student, teacher = _pair()
-    monkeypatch.setenv(KILL_ENV, "1")
     cfg = FinetuneConfig(data=str(data), output=str(tmp_path / "run"), steps=3, batch_size=4, input_size=(32, 32),
                          progress=False, auto_augment=None, checkpoint_every=100)
-    import afconvert.train.finetune as ft
-    monkeypatch.setattr(ft.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
-    with pytest.raises(SystemExit):
-        finetune(student, teacher, cfg, log=lambda m: None)
+    handle = register_step_hook(kill_after(1, hard=False))
+    try:
+        with pytest.raises(Killed):
+            finetune(student, teacher, cfg, log=lambda m: None)
+    finally:
+        handle.remove()
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 0
-    monkeypatch.delenv(KILL_ENV)
     student, teacher = _pair()
     cfg.resume = True
     assert finetune(student, teacher, cfg, log=lambda m: None)["steps"] == 3

@@ -1,0 +1,184 @@
+"""Accuracy that comes back, end to end on Fashion-MNIST, with afconvert's own commands.
+
+    python examples/fashion_mnist.py --out DIR [--quick] [--data /usr/share/datasets/fashion-mnist]
+
+Data: the Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``: 60,000 training
+and 10,000 test images, 28 x 28 gray, read in place from its IDX files). Model: timm ``resnet18``,
+``--in-chans 1 --num-classes 10`` at 32 x 32. Stages (each an ``afconvert`` command, printed as it runs):
+
+1. ``train --recipe none``: the baseline, saved as ``DIR/baseline.pt``;
+2. ``finetune --recipe afc|aps|blurpool|circular``: the baseline converted by each recipe and fine-tuned from
+   it (``afc`` by distillation from the baseline: KL at T = 2 plus cross-entropy); ``DIR/afc_finetuned.pt``;
+3. ``train --recipe afc``: the same alias-free network from scratch on the labels, and ``finetune
+   --no-pretrained --teacher``: from scratch distilled from the same teacher (what the converted weights buy
+   apart from the teacher);
+4. ``eval``: top-1 on the whole test set, then certified integer / half / fractional accuracy, consistency
+   and crop-shift accuracy on the grids below.
+
+The runs validate on the test set after each epoch (``--val-data``). Writes ``DIR/results.md``,
+``DIR/results.json`` (one row per model), ``DIR/curves.png`` (test top-1 against epochs) and each run's
+folder under ``DIR/runs/``. Killed, it resumes where it stopped: run the same command again. ``--quick``
+takes the same path on subsets (fewer steps, fewer test images).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from afconvert.atomic import atomic_write
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+MODEL = "resnet18"
+COMMON = ["--num-classes", "10", "--in-chans", "1", "--input-size", "32", "32", "--batch-size", "128", "--aa", "",
+          "--scale", "0.7", "1.0", "--no-progress"]
+KD = ["--kd-temperature", "2", "--task-loss-weight", "1", "--clip-grad", "2", "--train-bn"]
+GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
+
+# length of each run: epochs (full) or optimizer steps (quick), test images for the curves and the certified metrics
+FULL = {"baseline": ["--epochs", "10"], "afc": ["--epochs", "4"], "peer": ["--epochs", "1"],
+        "val_limit": 2000, "eval_limit": 2000}
+QUICK = {"baseline": ["--steps", "120"], "afc": ["--steps", "40"], "peer": ["--steps", "20"],
+         "val_limit": 300, "eval_limit": 200}
+
+
+def afconvert(*argv: str) -> None:
+    """Run one ``afconvert`` command in this process, printing it first; stop on failure."""
+    from afconvert.cli import main
+    print("$ afconvert " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    code = main(list(argv))
+    if code:
+        sys.exit(f"fashion_mnist: 'afconvert {argv[0]}' failed with exit code {code}")
+
+
+def run(out: Path, name: str, argv: list[str], minutes: dict) -> Path:
+    """``afconvert train|finetune ... --output out/runs/name``, resumed if a killed run is there; its final.pt."""
+    folder = out / "runs" / name
+    final = folder / "final.pt"
+    if not final.is_file():
+        t0 = time.perf_counter()
+        afconvert(*argv, "--output", str(folder), *(["--resume"] if (folder / "last.pt").is_file() else []))
+        minutes[name] = round((time.perf_counter() - t0) / 60, 2)
+        atomic_write(folder / "minutes.txt", f"{minutes[name]}\n")
+    elif (folder / "minutes.txt").is_file():
+        minutes[name] = float((folder / "minutes.txt").read_text())
+    return final
+
+
+def curves(out: Path, names: dict[str, str], baseline_top1: float | None) -> None:
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label in names.items():
+        path = out / "runs" / name / "val.csv"
+        if path.is_file():
+            rows = list(csv.DictReader(open(path)))
+            ax.plot([float(r["epoch"]) for r in rows], [float(r["top1"]) for r in rows], marker="o", label=label)
+    if baseline_top1 is not None:
+        ax.axhline(baseline_top1, color="k", ls="--", lw=1, label="baseline (not alias-free)")
+        ax.axhline(baseline_top1 - 1, color="gray", ls=":", lw=1, label="baseline - 1 point")
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Fashion-MNIST: alias-free ResNet-18, 32 x 32")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(out / "curves.png", buf.getvalue())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", default=FASHION_MNIST, help=f"IDX folder (default {FASHION_MNIST})")
+    p.add_argument("--quick", action="store_true", help="subsets and fewer steps (same path), about 15 minutes")
+    args = p.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"fashion_mnist: no {args.data}; fix: apt-get install dataset-fashion-mnist, or --data DIR")
+    plan = QUICK if args.quick else FULL
+    out, data = args.out, ["--data", args.data, "--val-data", args.data, "--val-limit", str(plan["val_limit"])]
+    out.mkdir(parents=True, exist_ok=True)
+    minutes: dict[str, float] = {}
+
+    base = run(out, "baseline", ["train", MODEL, "--recipe", "none", "--lr", "2e-3", "--weight-decay", "0.05",
+                                 *plan["baseline"], *data, *COMMON], minutes)
+    atomic_write(out / "baseline.pt", base.read_bytes())
+    teacher = ["--teacher", MODEL, "--teacher-weights", str(out / "baseline.pt")]
+    models = {"baseline": out / "baseline.pt"}
+    converted = out / "afc_converted.pt"
+    if not converted.is_file():
+        afconvert(MODEL, "--weights", str(out / "baseline.pt"), "--num-classes", "10", "--in-chans", "1",
+                  "--input-size", "32", "32", "--out", str(converted))
+    models["afc converted, no training"] = converted
+    models["afc converted + fine-tuned"] = run(out, "afc_finetuned", [
+        "finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", "afc", "--lr", "1e-3", *KD,
+        *plan["afc"], *data, *COMMON], minutes)
+    atomic_write(out / "afc_finetuned.pt", models["afc converted + fine-tuned"].read_bytes())
+    for recipe in ("aps", "blurpool", "circular"):
+        models[f"{recipe} converted + fine-tuned"] = run(out, f"{recipe}_finetuned", [
+            "finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", recipe, "--lr", "5e-4", *KD,
+            *plan["peer"], *data, *COMMON], minutes)
+    models["afc from scratch, labels"] = run(out, "afc_scratch", [
+        "train", MODEL, "--recipe", "afc", "--lr", "2e-3", "--clip-grad", "2", *plan["afc"], *data, *COMMON], minutes)
+    models["afc from scratch, same teacher"] = run(out, "afc_scratch_teacher", [
+        "finetune", MODEL, "--no-pretrained", "--recipe", "afc", *teacher, "--lr", "2e-3", *KD, *plan["afc"], *data,
+        *COMMON], minutes)
+
+    paths = [str(m) for m in models.values()]
+    limit = ["--limit", str(plan["eval_limit"] * 5)] if args.quick else []
+    t0 = time.perf_counter()
+    afconvert("eval", *paths, "--data", args.data, "--metrics", "accuracy", "--batch-size", "256", "--no-progress",
+              "--out", str(out / "eval_top1.json"), *limit)
+    afconvert("eval", *paths, "--data", args.data, "--metrics", "accuracy,certified,consistency,crop", "--grid",
+              *GRIDS, "--batch-size", "64", "--limit", str(plan["eval_limit"]), "--no-progress",
+              "--out", str(out / "eval_shifts.json"))
+    minutes["evaluation"] = round((time.perf_counter() - t0) / 60, 2)
+    write_results(out, models, minutes, plan, args)
+
+
+def write_results(out: Path, models: dict, minutes: dict, plan: dict, args) -> None:
+    total = round(sum(minutes.values()), 1)           # every stage, those of earlier (killed) invocations too
+    top1 = json.loads((out / "eval_top1.json").read_text())           # one object per model, in order
+    shifts = json.loads((out / "eval_shifts.json").read_text())
+    run_of = {"baseline": "baseline", "afc converted + fine-tuned": "afc_finetuned",
+              "aps converted + fine-tuned": "aps_finetuned", "blurpool converted + fine-tuned": "blurpool_finetuned",
+              "circular converted + fine-tuned": "circular_finetuned", "afc from scratch, labels": "afc_scratch",
+              "afc from scratch, same teacher": "afc_scratch_teacher"}
+    rows = []
+    for (label, path), a, s in zip(models.items(), top1, shifts):
+        rows.append({"model": label, "file": str(path), "train_minutes": minutes.get(run_of.get(label, "")),
+                     "top1": a["accuracy"], "top1_subset": s["accuracy"], "certified_integer": s["certified_integer"],
+                     "certified_half": s["certified_half"], "certified_fractional": s["certified_fractional"],
+                     "consistency": s["consistency"], "crop_shift": (s["crop_shift"] or {}).get("certified")})
+    atomic_write(out / "results.json", json.dumps({"rows": rows, "grids": GRIDS, "quick": args.quick,
+                                                   "minutes": minutes, "total_minutes": total},
+                                                  indent=2))
+    fmt = lambda v: "" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)   # noqa: E731
+    n_top1 = "10,000" if not args.quick else str(plan["eval_limit"] * 5)
+    lines = [f"# Fashion-MNIST: {'quick run' if args.quick else 'full run'} ({total} min of training and evaluation)", "",
+             f"top-1 on {n_top1} test images; certified / consistency / crop-shift on {plan['eval_limit']} "
+             f"(grids: {' '.join(GRIDS)}).", "",
+             "| model | train min | top-1 | top-1 (subset) | cert. integer | cert. half | cert. fractional | "
+             "consistency | crop-shift |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[k]) for k in ("model", "train_minutes", "top1", "top1_subset",
+                                                          "certified_integer", "certified_half",
+                                                          "certified_fractional", "consistency", "crop_shift"))
+                     + " |")
+    atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    base = rows[0]["top1"]
+    curves(out, {"afc_finetuned": "afc converted + fine-tuned", "afc_scratch": "afc from scratch (labels)",
+                 "afc_scratch_teacher": "afc from scratch (same teacher)"}, base)
+    print("\n".join(lines))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
