@@ -41,9 +41,26 @@ GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
 
 # length of each run: epochs (full) or optimizer steps (quick), test images for the curves and the certified metrics
 FULL = {"baseline": ["--epochs", "10"], "afc": ["--epochs", "4"], "peer": ["--epochs", "1"],
-        "val_limit": 2000, "eval_limit": 2000}
+        "val_limit": 2000, "eval_limit": 2000, "ablation": ["--steps", "235"]}
 QUICK = {"baseline": ["--steps", "120"], "afc": ["--steps", "40"], "peer": ["--steps", "20"],
-         "val_limit": 300, "eval_limit": 200}
+         "val_limit": 300, "eval_limit": 200, "ablation": ["--steps", "20"]}
+
+# --ablation: the afc fine-tuning recipe (AFC_RECIPE) with one ingredient changed at a time
+AFC_RECIPE = ["--lr", "1e-3", *KD]
+ABLATION = {
+    "recipe (KL T=2 + CE 1, lr 1e-3, BN trained)": [],
+    "+ per-channel activation fit on 64 images (--calibration)": ["--calibration", "{data}"],
+    "+ block-wise reconstruction (--reconstruct)": ["--reconstruct"],
+    "+ blend, all layers, over half the steps (--blend 0.5)": ["--blend", "0.5"],
+    "+ blend, front to back (--blend 0.5 --blend-order progressive)": ["--blend", "0.5", "--blend-order",
+                                                                       "progressive"],
+    "KL only (--task-loss-weight 0)": ["--task-loss-weight", "0"],
+    "T = 1 (--kd-temperature 1)": ["--kd-temperature", "1"],
+    "T = 4 (--kd-temperature 4)": ["--kd-temperature", "4"],
+    "lr 3e-3": ["--lr", "3e-3"],
+    "lr 3e-4": ["--lr", "3e-4"],
+    "BatchNorm statistics frozen (no --train-bn)": ["--no-train-bn"],
+}
 
 
 def afconvert(*argv: str) -> None:
@@ -99,6 +116,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--data", default=FASHION_MNIST, help=f"IDX folder (default {FASHION_MNIST})")
     p.add_argument("--quick", action="store_true", help="subsets and fewer steps (same path), about 15 minutes")
+    p.add_argument("--ablation", action="store_true", help="instead: the afc fine-tuning recipe with one "
+                   "ingredient changed at a time, each from DIR/baseline.pt (trained first if missing)")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"fashion_mnist: no {args.data}; fix: apt-get install dataset-fashion-mnist, or --data DIR")
@@ -110,6 +129,8 @@ def main() -> None:
     base = run(out, "baseline", ["train", MODEL, "--recipe", "none", "--lr", "2e-3", "--weight-decay", "0.05",
                                  *plan["baseline"], *data, *COMMON], minutes)
     atomic_write(out / "baseline.pt", base.read_bytes())
+    if args.ablation:
+        return ablation(out, data, plan, minutes)
     teacher = ["--teacher", MODEL, "--teacher-weights", str(out / "baseline.pt")]
     models = {"baseline": out / "baseline.pt"}
     converted = out / "afc_converted.pt"
@@ -141,6 +162,28 @@ def main() -> None:
               "--out", str(out / "eval_shifts.json"))
     minutes["evaluation"] = round((time.perf_counter() - t0) / 60, 2)
     write_results(out, models, minutes, plan, args)
+
+
+def ablation(out: Path, data: list[str], plan: dict, minutes: dict) -> None:
+    """Each ABLATION variant fine-tuned from the baseline for the same steps; DIR/ablation.md and .json."""
+    import csv
+    rows = []
+    for i, (label, change) in enumerate(ABLATION.items()):
+        change = [a.format(data=data[1]) for a in change]
+        argv = ["finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", "afc", *AFC_RECIPE, *change,
+                *plan["ablation"], *data, *COMMON]
+        if "--no-train-bn" in argv:
+            argv = [a for a in argv if a not in ("--train-bn", "--no-train-bn")]
+        run(out, f"ablation/{i:02d}", argv, minutes)
+        val = list(csv.DictReader(open(out / "runs" / "ablation" / f"{i:02d}" / "val.csv")))
+        rows.append({"variant": label, "change": " ".join(change) or "(none)", "top1": float(val[-1]["top1"]),
+                     "start_top1": float(val[0]["top1"]), "minutes": minutes[f"ablation/{i:02d}"]})
+    atomic_write(out / "ablation.json", json.dumps(rows, indent=2))
+    lines = [f"# afc fine-tuning ablation ({' '.join(plan['ablation'])} from the baseline, test top-1 on "
+             f"{plan['val_limit']} images)", "", "| variant | top-1 at start | top-1 after | minutes |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['start_top1']:.1f} | {r['top1']:.1f} | {r['minutes']:.1f} |" for r in rows]
+    atomic_write(out / "ablation.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_results(out: Path, models: dict, minutes: dict, plan: dict, args) -> None:

@@ -1,4 +1,5 @@
-"""Convolutions.
+"""Convolutions (and transposed convolutions: zero insertion, then a convolution; alias-free as ideal
+up-sampling, then a circular convolution, ``AliasFreeConvTranspose2d``).
 
 * A stride-1 convolution with circular padding commutes with circular shifts (fractional ones
   included: it multiplies each frequency bin by the kernel's response).
@@ -16,7 +17,14 @@ from timm.layers import Conv2dSame
 
 from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
-from afconvert.layers.conv import AliasFreeConv2d, CircularConv2d, SampledConv2d, centered_pad, tf_same_pad
+from afconvert.layers.conv import (
+    AliasFreeConv2d,
+    AliasFreeConvTranspose2d,
+    CircularConv2d,
+    SampledConv2d,
+    centered_pad,
+    tf_same_pad,
+)
 from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
 from afconvert.layers.pool import SampledPool2d
 from afconvert.layers.sampling import BlurConv2d, PolyphaseConv2d, SubsampledConv2d
@@ -151,9 +159,31 @@ def _sampled(cls: type[SampledConv2d]):
     return strategy
 
 
+def _judge_transposed(site: Site, options: Options) -> Judgement:
+    m = site.module
+    if isinstance(m, AliasFreeConvTranspose2d):
+        return Judgement(Verdict.EXACT, f"ideal up-sampling by {m.stride} and a circular convolution: an input "
+                                        f"shift d moves the output by {m.stride[0]} d")
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input")
+    if tuple(m.stride) == (1, 1):
+        return Judgement(Verdict.NOT, "zero padding: not shift-equivariant at the borders")
+    return Judgement(Verdict.NOT, f"transposed conv with stride {tuple(m.stride)}: zero insertion leaves spectral "
+                                  f"images (aliases) that the kernel passes")
+
+
+def _ideal_transposed(site: Site, options: Options):
+    m = site.module
+    if isinstance(m, AliasFreeConvTranspose2d) or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
+        return None
+    return AliasFreeConvTranspose2d.from_conv(m) if AliasFreeConvTranspose2d.matches(m) else None
+
+
 RULES = [
     Rule(name="conv2d", family=FAMILY, targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d, BlurConv2d,
                                                 PolyphaseConv2d, SubsampledConv2d),
          judge=_judge_conv, strategies={"ideal": _sampled(AliasFreeConv2d), "blur": _sampled(BlurConv2d),
                                         "aps": _sampled(PolyphaseConv2d), "circular": _sampled(SubsampledConv2d)}),
+    Rule(name="conv_transpose2d", family=FAMILY, targets=(nn.ConvTranspose2d, AliasFreeConvTranspose2d),
+         judge=_judge_transposed, strategies={"ideal": _ideal_transposed}),
 ]

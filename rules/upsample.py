@@ -1,10 +1,12 @@
-"""Up-sampling.
+"""Up-sampling (and any resizing by ``nn.Upsample`` / ``F.interpolate``).
 
 Nearest or bilinear up-sampling by an integer factor f is zero-insertion followed by a short
 interpolation kernel (box or triangle): the kernel passes part of the spectral images at
 k +- N, so a fractional shift of the input is not a shift of the output. Ideal up-sampling
-keeps exactly the input's band (|k| < N/2, the Nyquist bin split in half): exact. Only integer
-scale factors convert; other sizes are reported.
+keeps exactly the input's band (|k| < N/2, the Nyquist bin split in half): exact. Integer factors
+become ``IdealUpsample``; a given size, a non-integer factor, or a size computed in the graph (an FPN's
+``F.interpolate(x, size=skip.shape[-2:])``) become ``IdealResize`` to the same output size, which moves
+the output by d H_out / H for an input shift d, exactly.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from afconvert.converter import rule
 from afconvert.converter.rule import Judgement, Rule, Site, Verdict
-from afconvert.layers.resample import IdealUpsample
+from afconvert.layers.resample import IdealResize, IdealUpsample
 
 FAMILY = "upsample"
 
@@ -56,6 +58,8 @@ def _judge(site: Site, options: Options) -> Judgement:
     up = _upsampler_of(site)
     if isinstance(up, IdealUpsample):
         return Judgement(Verdict.EXACT, f"ideal up-sampling by {up.factor}")
+    if isinstance(up, IdealResize):
+        return Judgement(Verdict.EXACT, "ideal resampling to the output size")
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input")
     mode = up.mode if up is not None else "computed-size"
@@ -64,11 +68,14 @@ def _judge(site: Site, options: Options) -> Judgement:
 
 def _ideal(site: Site, options: Options):
     up = _upsampler_of(site)
-    factor = _integer_factor(up) if up is not None and not isinstance(up, IdealUpsample) else None
-    if factor is None or not site.spatial or site.x is None or site.x.spatial_dims != (2, 3):
+    if isinstance(up, (IdealUpsample, IdealResize)) or not site.spatial or site.x is None \
+            or site.x.spatial_dims != (2, 3):
         return None
-    return IdealUpsample(factor)
+    if up is None:                  # F.interpolate with arguments computed in the graph: given at each call
+        return IdealResize()
+    factor = _integer_factor(up)
+    return IdealUpsample(factor) if factor is not None else IdealResize(up.size, up.scale_factor)
 
 
-RULES = [Rule(name="upsample", family=FAMILY, targets=UPSAMPLERS + (F.interpolate, IdealUpsample), judge=_judge,
+RULES = [Rule(name="upsample", family=FAMILY, targets=UPSAMPLERS + (F.interpolate, IdealUpsample, IdealResize), judge=_judge,
               strategies={"ideal": _ideal})]

@@ -22,11 +22,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "model's native size)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's; 1: grayscale)")
+    p.add_argument("--features-only", action="store_true", help="timm's backbone: the feature maps of each stage "
+                   "(each certified equivariant with its stride)")
+    p.add_argument("--out-indices", nargs="+", type=int, default=None, metavar="I",
+                   help="with --features-only: the stages to return (timm's out_indices)")
 
 
 def model_kwargs(args) -> dict:
-    """timm keyword arguments of a model given by name: --num-classes, --in-chans."""
-    pairs = (("num_classes", args.num_classes), ("in_chans", args.in_chans))
+    """timm keyword arguments of a model given by name: --num-classes, --in-chans, --features-only,
+    --out-indices."""
+    if getattr(args, "out_indices", None) is not None and not getattr(args, "features_only", False):
+        raise ValueError("--out-indices selects feature maps; fix: add --features-only")
+    pairs = (("num_classes", args.num_classes), ("in_chans", args.in_chans),
+             ("features_only", getattr(args, "features_only", False) or None),
+             ("out_indices", tuple(args.out_indices) if getattr(args, "out_indices", None) else None))
     return {k: v for k, v in pairs if v is not None}
 
 

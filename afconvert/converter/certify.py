@@ -1,5 +1,11 @@
-"""Empirical checks of a model's logits: how much they move under integer and fractional circular
-shifts (``shift_check``), and whether they are finite and bounded at each input size (``numerics_check``)."""
+"""Empirical checks of a model's outputs: how much they move under integer and fractional circular shifts
+(``shift_check``), and whether they are finite and bounded at each input size (``numerics_check``).
+
+A model may return a tensor or any nesting of tuples, lists and dicts of tensors (``output_leaves``: each by
+its path). An output that is spatially constant (logits, pooled features) should not move at all; a spatial
+map (H_out, W_out) computed from an (H, W) input should move with the input: by (dy H_out / H, dx W_out / W)
+for an input shift (dy, dx), band-limited and circular (stride r = H / H_out: a shift of d / r).
+"""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -7,10 +13,11 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.converter.layout import Layout, layout_of
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
 __all__ = ["DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_logit_change", "shift_check", "numerics_check",
-           "native_input_size", "size_label", "random_input"]
+           "native_input_size", "size_label", "random_input", "output_leaves", "output_layouts", "expected_shift"]
 
 LOGIT_BOUND = 1e4   # |logit| above this on a standard-normal input: the model is numerically unstable
 
@@ -29,15 +36,74 @@ def _label(shift: Sequence[float]) -> str:
     return "(" + ", ".join(f"{s:g}" if float(s).is_integer() or len(f"{s:g}") < 6 else f"{s:.3f}" for s in shift) + ")"
 
 
+def output_leaves(y, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a model's output by its path: ``{"": y}`` for a tensor; ``"0"``, ``"1"``, ... for a
+    tuple or list; the keys for a dict, nested as ``"1.stem"``. Anything else is left out."""
+    if torch.is_tensor(y):
+        return {path: y}
+    if isinstance(y, dict):
+        items = y.items()
+    elif isinstance(y, (tuple, list)):
+        items = enumerate(y)
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(output_leaves(v, f"{path}.{k}" if path else str(k)))
+    return out
+
+
 @torch.no_grad()
-def relative_logit_change(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS
-                          ) -> dict[str, float]:
-    """max |f(shift(x)) - f(x)| / max |f(x)| for each shift (band-limited, circular)."""
-    y0 = model(x)
-    if not torch.isfinite(y0).all():
+def output_layouts(model: nn.Module, x: torch.Tensor) -> dict[str, Layout | None]:
+    """The ``Layout`` of each output of ``model`` on inputs of ``x``'s size, (2H, W) and (H, 2W) (None where
+    the model does not run at the larger sizes: its outputs are then taken as they are at ``x``'s size)."""
+    base = {k: (tuple(v.shape), v.dtype) for k, v in output_leaves(model(x)).items()}
+    h, w = x.shape[-2:]
+    runs = []
+    for size in ((2 * h, w), (h, 2 * w)):
+        try:
+            y = model(torch.zeros(*x.shape[:-2], *size, dtype=x.dtype, device=x.device))
+            runs.append({k: (tuple(v.shape), v.dtype) for k, v in output_leaves(y).items()})
+        except RuntimeError:
+            runs.append(base)
+    return {k: layout_of(v, runs[0].get(k, v), runs[1].get(k, v)) for k, v in base.items()}
+
+
+def expected_shift(y: torch.Tensor, layout: Layout | None, shift: Sequence[float], input_size: Sequence[int]
+                   ) -> torch.Tensor:
+    """What output ``y`` becomes when the input of ``input_size`` moves by ``shift``, if the model is
+    invariant (spatially constant outputs: ``y`` itself) or equivariant (spatial maps: ``y`` moved by the
+    shift times H_out / H, W_out / W)."""
+    if layout is None or layout.spatial_dims is None:
+        return y
+    hd, wd = layout.spatial_dims
+    dy = float(shift[0]) * y.shape[hd] / input_size[0]
+    dx = float(shift[1]) * y.shape[wd] / input_size[1]
+    return fractional_shift(y, dy, dx, dims=(hd, wd))
+
+
+@torch.no_grad()
+def relative_logit_change(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS,
+                          per_output: dict | None = None) -> dict[str, float]:
+    """For each shift: max over the outputs of max |f(shift(x)) - expected| / max |f(x)|, ``expected`` being
+    the output itself (spatially constant outputs) or its own shift (spatial maps, ``expected_shift``). With
+    ``per_output`` (a dict), also each output's value per shift, under its path."""
+    shifts = list(shifts)
+    y0 = output_leaves(model(x))
+    if not y0 or not all(torch.isfinite(v).all() for v in y0.values()):
         return {_label(s): float("nan") for s in shifts}
-    scale = y0.abs().max().clamp_min(torch.finfo(y0.dtype).tiny)
-    return {_label(s): float((model(fractional_shift(x, *s)) - y0).abs().max() / scale) for s in shifts}
+    layouts = output_layouts(model, x) if any(v.dim() > 2 for v in y0.values()) else {}
+    scale = {k: v.abs().max().clamp_min(torch.finfo(v.dtype).tiny) for k, v in y0.items()}
+    result = {}
+    for s in shifts:
+        y = output_leaves(model(fractional_shift(x, *s)))
+        change = {k: float((y[k] - expected_shift(v, layouts.get(k), s, x.shape[-2:])).abs().max() / scale[k])
+                  for k, v in y0.items()}
+        result[_label(s)] = max(change.values())
+        if per_output is not None:
+            for k, v in change.items():
+                per_output.setdefault(k or "output", {})[_label(s)] = v
+    return result
 
 
 def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chans: int = 3,
@@ -48,6 +114,7 @@ def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chan
     out = {"input_size": list(input_size), "dtype": str(dtype).replace("torch.", ""),
            "shifts": [list(map(float, s)) for s in shifts], "models": {}}
     for label, model in models.items():
+        per_output: dict = {}
         was_training = model.training
         model.eval()
         p = next(model.parameters(), None)
@@ -55,7 +122,9 @@ def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chan
         own_dtype = p.dtype if p is not None else dtype
         x = random_input(batch, in_chans, input_size, dtype, seed, device)
         try:
-            out["models"][label] = relative_logit_change(model.to(dtype), x, shifts)
+            out["models"][label] = relative_logit_change(model.to(dtype), x, shifts, per_output)
+            if len(per_output) > 1:
+                out.setdefault("outputs", {})[label] = per_output
         finally:
             model.to(own_dtype).train(was_training)
     return out
@@ -75,7 +144,8 @@ def size_label(size: Sequence[int]) -> str:
 @torch.no_grad()
 def numerics_check(model: nn.Module, sizes: Iterable[Sequence[int]], in_chans: int = 3, bound: float = LOGIT_BOUND,
                    dtype=torch.float32, batch: int = 1, seed: int = 0) -> dict:
-    """max |logit| of ``model`` on standard-normal inputs (Nyquist bins zeroed) at each size.
+    """max |output| of ``model`` (over every output tensor) on standard-normal inputs (Nyquist bins zeroed) at
+    each size.
 
     ``stable`` is False when some logit is non-finite or above ``bound`` at some size: certified
     alias-free or not, such a model is not usable. A size the model cannot run at (a head that
@@ -95,7 +165,10 @@ def numerics_check(model: nn.Module, sizes: Iterable[Sequence[int]], in_chans: i
             except RuntimeError:  # shape errors: this model runs at its own size only
                 out["max_abs_logit"][size_label(size)] = None
                 continue
-            out["max_abs_logit"][size_label(size)] = float(y.abs().max()) if torch.isfinite(y).all() else float("inf")
+            leaves = list(output_leaves(y).values())
+            finite = all(torch.isfinite(v).all() for v in leaves)
+            out["max_abs_logit"][size_label(size)] = max(float(v.abs().max()) for v in leaves) if finite and leaves \
+                else float("inf")
     finally:
         model.to(own_dtype).train(was_training)
     out["unstable_at"] = [k for k, v in out["max_abs_logit"].items() if v is not None and not v <= bound]

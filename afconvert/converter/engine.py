@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterable, Sequence
 
 import networkx as nx
@@ -24,7 +25,7 @@ from afconvert.converter.certify import (
 from afconvert.converter.layout import Layout, infer_layouts
 from afconvert.converter.passes import PASSES
 from afconvert.converter.recipe import Recipe, all_rules, families, load_recipe
-from afconvert.converter.report import Finding, NotAliasFreeError, Report
+from afconvert.converter.report import Finding, NotAliasFreeError, OutputFinding, Report
 from afconvert.converter.rule import KEEP, Analysis, Judgement, Rule, Site, Verdict
 from afconvert.converter.tracing import trace
 
@@ -105,7 +106,9 @@ def _judge(site: Site, rule: Rule | None, recipe: Recipe) -> Judgement:
 
 
 def _analyse(model: nn.Module, input_size: Sequence[int], in_chans: int, leaf_modules: Iterable[type],
-             index: _RuleIndex) -> tuple[list[Site], list[str]]:
+             index: _RuleIndex) -> tuple[list[Site], list[str], list[tuple[str, fx.Node, Layout | None]]]:
+    """(sites, notes, outputs): every node as a ``Site``, what the analysis noticed, and each output tensor as
+    (path, the node that makes it, its layout)."""
     gm = trace(model, leaf_types=index.module_types | set(leaf_modules))
     layouts, fixed_at = infer_layouts(gm, tuple(input_size), in_chans)
     notes = [f"'{path}' ({type(model.get_submodule(path)).__name__}) kept whole: fx cannot trace it ({why})"
@@ -113,7 +116,61 @@ def _analyse(model: nn.Module, input_size: Sequence[int], in_chans: int, leaf_mo
     if fixed_at:
         notes.append(f"the model runs only at input size {input_size[0]}x{input_size[1]}: node '{fixed_at}' needs a "
                      f"fixed size (layers after it were seen at one size and taken as spatially constant)")
-    return _sites(gm, layouts), notes
+    return _sites(gm, layouts), notes, _output_tensors(gm.graph, layouts)
+
+
+def _output_tensors(graph: fx.Graph, layouts: dict) -> list[tuple[str, fx.Node, Layout | None]]:
+    """Each tensor of the graph's output structure: (its path, as ``certify.output_leaves`` names it; the node
+    that makes it; its layout)."""
+    out: list = []
+
+    def walk(value, path: str, node: fx.Node | None = None) -> None:
+        if isinstance(value, fx.Node):
+            walk(layouts.get(value.name), path, value)
+        elif isinstance(value, Layout):
+            out.append((path, node, value))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k), node)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}.{i}" if path else str(i), node)
+    for n in graph.nodes:
+        if n.op == "output":
+            walk(n.args[0], "")
+    return out
+
+
+def _output_findings(outputs: list, by_node: dict[str, Finding], input_size: Sequence[int]) -> list[OutputFinding]:
+    """Per output tensor: its kind, stride and verdict (the worst node on its paths, or "flattened");
+    ``by_node``: each graph node's finding, by node name."""
+    if not outputs:
+        return []
+    graph = outputs[0][1].graph
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_edges_from((a.name, n.name) for a in n.all_input_nodes)
+    result = []
+    for path, node, layout in outputs:
+        upstream = nx.ancestors(g, node.name) | {node.name} if node.name in g else {node.name}
+        worst = max((by_node[n] for n in upstream if n in by_node and by_node[n].spatial
+                     and by_node[n].verdict is not Verdict.EXACT), key=lambda f: f.verdict.rank, default=None)
+        name, shape = path or "output", tuple(layout.shape)
+        if layout.mixed:
+            result.append(OutputFinding(name, shape, "flattened", None, Verdict.NOT, "a flattened map (a dim mixes H "
+                                        "and W): an input shift does not move it as a map"))
+            continue
+        kind, stride = "invariant", None
+        if layout.spatial_dims is not None:
+            hd, wd = layout.spatial_dims
+            kind, stride = "equivariant", (str(Fraction(input_size[0], shape[hd])), str(Fraction(input_size[1], shape[wd])))
+        if worst is None:
+            reason = "every node on its paths is exactly alias-free"
+            result.append(OutputFinding(name, shape, kind, stride, Verdict.EXACT, reason))
+        else:
+            result.append(OutputFinding(name, shape, kind, stride, worst.verdict, f"{worst.node} ({worst.op}: "
+                                        f"{worst.reason})"))
+    return result
 
 
 def _in_chans(model: nn.Module, in_chans: int | None) -> int:
@@ -161,13 +218,14 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     was_training = model.training
     model.eval()
     try:
-        sites, notes = _analyse(model, input_size, in_chans, leaf_modules, index)
+        sites, notes, outputs = _analyse(model, input_size, in_chans, leaf_modules, index)
     finally:
         model.train(was_training)
     info = getattr(model, "afconvert_info", {}) or {}
     judging = Recipe(name="", summary="", families=families(rules))  # every family's default options
-    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=_findings(sites, index, judging),
-                    notes=notes)
+    findings = _findings(sites, index, judging)
+    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=findings, notes=notes,
+                    outputs=_output_findings(outputs, {s.node.name: f for s, f in zip(sites, findings)}, input_size))
     if check:
         sizes = check_sizes(model, input_size)
         report.numerics = numerics_check(model, sizes, in_chans, dtype=dtype)
@@ -205,7 +263,10 @@ def _rewrite_functional(gm: fx.GraphModule, swaps: dict, swapped: dict, function
         name = _rewritten_name(node)
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
-            call = gm.graph.call_module(name, (node.args[0],))
+            # a replacement that ``takes_call_arguments`` is called as the function it replaces
+            args = (tuple(node.args), dict(node.kwargs)) if getattr(module, "takes_call_arguments", False) \
+                else ((node.args[0],), {})
+            call = gm.graph.call_module(name, *args)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         target = node.target
@@ -270,7 +331,7 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     out = copy.deepcopy(model)
     was_training = out.training
     out.eval()
-    sites, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
+    sites, _, _ = _analyse(out, input_size, in_chans, leaf_modules, index)
     before = {id(s.node): _judge(s, index.match(s), rec) for s in sites}
     plan = [(s, r, *rec.for_site(r.family, s.name)) for s in sites if (r := index.match(s)) is not None]
     notes: list[str] = []

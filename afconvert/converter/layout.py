@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Layout", "infer_layouts", "WrongInputSizeError"]
+__all__ = ["Layout", "infer_layouts", "layout_of", "WrongInputSizeError"]
 
 
 class WrongInputSizeError(ValueError):
@@ -78,7 +78,9 @@ def _shapes_of(value: Any):
     return None
 
 
-def _roles(base, tall, wide) -> Layout | list | None:
+def layout_of(base, tall, wide) -> Layout | list | None:
+    """The ``Layout`` of a value from its (shape, dtype) at input sizes (H, W), (2H, W) and (H, 2W) (lists of
+    them for a list of values; None for a non-tensor)."""
     if isinstance(base, tuple):
         (s0, dtype), (sh, _), (sw, _) = base, tall, wide
         if len(s0) != len(sh) or len(s0) != len(sw):
@@ -86,7 +88,7 @@ def _roles(base, tall, wide) -> Layout | list | None:
         roles = tuple(("H" if a != b else "") + ("W" if a != c else "") for a, b, c in zip(s0, sh, sw))
         return Layout(s0, roles, dtype)
     if isinstance(base, list):
-        return [_roles(b, t, w) for b, t, w in zip(base, tall, wide)]
+        return [layout_of(b, t, w) for b, t, w in zip(base, tall, wide)]
     return None
 
 
@@ -118,4 +120,4 @@ def infer_layouts(gm: fx.GraphModule, input_size: tuple[int, int], in_chans: int
             fixed_at = fixed_at or failed
         runs.append(rec.shapes)
     base, tall, wide = runs
-    return {name: _roles(base[name], tall.get(name, base[name]), wide.get(name, base[name])) for name in base}, fixed_at
+    return {name: layout_of(base[name], tall.get(name, base[name]), wide.get(name, base[name])) for name in base}, fixed_at

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 from afconvert.converter.rule import Verdict
 
-__all__ = ["Finding", "Report", "NotAliasFreeError"]
+__all__ = ["Finding", "OutputFinding", "Report", "NotAliasFreeError"]
 
 
 class NotAliasFreeError(ValueError):
@@ -30,6 +30,45 @@ class Finding:
 
 
 @dataclass
+class OutputFinding:
+    """One output of the model (a tensor of its output structure) and what it does under input shifts.
+
+    ``kind``: "invariant" (spatially constant: logits, pooled features), "equivariant" (a map of H_out x W_out
+    from an H x W input: it moves by (dy H_out / H, dx W_out / W), the shift over the stride ``stride`` = H /
+    H_out, W / W_out, band-limited and circular, fractional shifts included) or "flattened" (a dim mixes H and
+    W, or one of them is missing: an input shift does not move it as a map; never certified). ``verdict``:
+    EXACT when every node on its paths is exactly alias-free and the kind is not "flattened"."""
+
+    name: str                       # path in the output structure: "output" for a lone tensor, "0", "stem", ...
+    shape: tuple[int, ...]          # at the analysis input size
+    kind: str
+    stride: tuple[str, str] | None  # H / H_out, W / W_out (fractions where they do not divide)
+    verdict: Verdict
+    reason: str
+
+    @property
+    def relation(self) -> str:
+        if self.kind == "invariant":
+            return "unchanged by shifts"
+        if self.kind == "equivariant":
+            return "shifts by (" + ", ".join(_over(d, r) for d, r in zip(("dy", "dx"), self.stride)) + ")"
+        return "not a map: no shift relation"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        d["relation"] = self.relation
+        return d
+
+
+def _over(d: str, stride: str) -> str:
+    """``d`` divided by a stride written as "r" or "p/q": "d / r", "q d / p" or "d"."""
+    p, _, q = stride.partition("/")
+    num = f"{q} {d}" if q else d
+    return num if p == "1" else f"{num} / {p}"
+
+
+@dataclass
 class Report:
     model: str
     recipe: str | None
@@ -37,6 +76,7 @@ class Report:
     checks: list[dict] = field(default_factory=list)   # empirical shift checks (``shift_check``), one per size
     numerics: dict | None = None    # max |logit| per input size (``numerics_check``)
     notes: list[str] = field(default_factory=list)
+    outputs: list[OutputFinding] = field(default_factory=list)  # one per output tensor
 
     @property
     def stable(self) -> bool:
@@ -68,16 +108,23 @@ class Report:
 
     @property
     def graph_verdict(self) -> Verdict:
-        """The worst verdict of a node on a spatial map (what the graph alone certifies)."""
-        return max((f.verdict for f in self.offenders), key=lambda v: v.rank, default=Verdict.EXACT)
+        """The worst verdict of a node on a spatial map or of an output (what the graph alone certifies)."""
+        verdicts = [f.verdict for f in self.offenders] + [o.verdict for o in self.outputs]
+        return max(verdicts, key=lambda v: v.rank, default=Verdict.EXACT)
 
     @property
     def graph_verdict_text(self) -> str:
         v = self.graph_verdict
         if v is Verdict.EXACT:
+            if any(o.kind == "equivariant" for o in self.outputs):
+                return ("certified: exactly alias-free (every output invariant or equivariant to integer and "
+                        "fractional circular shifts; see the outputs table)")
             return "certified: exactly alias-free (logits invariant to integer and fractional circular shifts)"
-        first = ", ".join(f"{f.node} ({f.op}: {f.reason})" for f in self.offenders[:3])
-        more = f" and {len(self.offenders) - 3} more" if len(self.offenders) > 3 else ""
+        bad = [o for o in self.outputs if o.kind == "flattened"]
+        first = ", ".join([f"output {o.name} ({o.reason})" for o in bad[:3]]
+                          + [f"{f.node} ({f.op}: {f.reason})" for f in self.offenders[:max(0, 3 - len(bad))]])
+        n = len(self.offenders) + len(bad)
+        more = f" and {n - 3} more" if n > 3 else ""
         label = {Verdict.INTEGER: "exactly invariant to integer circular shifts only (not fractional ones)",
                  Verdict.APPROX: "approximately alias-free", Verdict.NOT: "NOT alias-free",
                  Verdict.UNKNOWN: "NOT certified (unknown ops)"}[v]
@@ -111,8 +158,18 @@ class Report:
         if self.numerics is not None:
             lines.append(format_numerics(self.numerics))
         lines.append("verdict: " + self.verdict_text)
+        if len(self.outputs) > 1 or any(o.kind != "invariant" for o in self.outputs):
+            lines.append(self.outputs_table())
         lines.extend(format_check(c) for c in self.checks)
         return "\n".join(lines)
+
+    def outputs_table(self) -> str:
+        """One line per output: its path, shape, kind, stride, shift relation and verdict."""
+        rows = [(o.name, "x".join(map(str, o.shape)), o.kind, "x".join(o.stride) if o.stride else "-", o.relation,
+                 "certified" if o.verdict is Verdict.EXACT else f"{o.verdict.value}: {o.reason}") for o in self.outputs]
+        head = ("output", "shape", "kind", "stride", "under an input shift (dy, dx)", "verdict")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in [head, *rows])
 
     def table(self, all_nodes: bool = False) -> str:
         rows = [f for f in self.findings if all_nodes or (f.spatial and (f.replaced_by or f.verdict is not Verdict.EXACT))]
@@ -130,7 +187,7 @@ class Report:
         return {"model": self.model, "recipe": self.recipe, "verdict": self.verdict.value,
                 "verdict_text": self.verdict_text, "counts": self.counts(), "notes": self.notes,
                 "numerics": _json_numerics(self.numerics), "checks": self.checks,
-                "findings": [f.to_dict() for f in self.findings]}
+                "findings": [f.to_dict() for f in self.findings], "outputs": [o.to_dict() for o in self.outputs]}
 
     def __str__(self) -> str:
         return self.summary()

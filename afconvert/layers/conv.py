@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
-__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
+__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d", "AliasFreeConvTranspose2d",
            "conv_output_size"]
 
 
@@ -229,3 +229,42 @@ def centered_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
     rh, rw = dh * (kh - 1), dw * (kw - 1)
     return (rw // 2, rw - rw // 2, rh // 2, rh - rh // 2)
+
+
+class AliasFreeConvTranspose2d(nn.ConvTranspose2d):
+    """A strided transposed convolution made exactly shift-equivariant, with the same parameters.
+
+    ``nn.ConvTranspose2d`` with stride s inserts s - 1 zeros between samples (Z_s) and convolves with w; the
+    zero insertion puts s copies of the input's spectrum on the fine grid, and the kernel passes part of the
+    copies above the input's band (the checkerboard of decoders). Here the copies are removed first: y = w *
+    LP(Z_s x) = w * U_s(x) / (s_h s_w), with U_s ideal up-sampling and * a circular convolution on the s H x
+    s W grid, aligned as the original (y[n] = sum_m x[m] w[n - s m + p]). Output: (N, C_out, s_h H, s_w W),
+    the size of the original when K - 2p + output_padding = s per dim (``matches``). An input shift d moves
+    the output by s d, fractional shifts included.
+    """
+
+    @staticmethod
+    def matches(m: nn.ConvTranspose2d) -> bool:
+        """The original's output is s times its input (per dim), undilated, zero-padded: it has this form."""
+        return m.padding_mode == "zeros" and tuple(m.dilation) == (1, 1) and all(
+            k - 2 * p + op == s for k, p, op, s in zip(m.kernel_size, m.padding, m.output_padding, m.stride))
+
+    @classmethod
+    def from_conv(cls, m: nn.ConvTranspose2d) -> "AliasFreeConvTranspose2d":
+        new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.output_padding, m.groups,
+                  m.bias is not None, m.dilation, device=m.weight.device, dtype=m.weight.dtype)
+        new.load_state_dict(m.state_dict())
+        return new.train(m.training)
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        sh, sw = self.stride
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        up = ideal_resample(x, (x.shape[-2] * sh, x.shape[-1] * sw), (-2, -1)) / (sh * sw)
+        g = self.groups
+        cin, cout_g = self.weight.shape[:2]
+        # the transposed kernel as a correlation kernel: (C_out, C_in / g, kh, kw), flipped
+        w = self.weight.view(g, cin // g, cout_g, kh, kw).transpose(1, 2).reshape(g * cout_g, cin // g, kh, kw)
+        w = w.flip(-2, -1)
+        up = circular_pad(up, (kw - 1 - pw, pw, kh - 1 - ph, ph))
+        return F.conv2d(up, w, self.bias, groups=g)

@@ -9,6 +9,7 @@ how the official ConvNeXt-AFC builds its MLP. Both layers keep ``nn.Linear``'s p
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from afconvert.layers.poly import PolyActivation
 from afconvert.layers.spectral import ideal_resample
 
-__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation", "IdealUpsample"]
+__all__ = ["UpsampledLinear", "DownsampledLinear", "HighRatePolyActivation", "IdealUpsample", "IdealResize"]
 
 
 def _share(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]):
@@ -92,3 +93,38 @@ class IdealUpsample(nn.Module):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
+
+
+class IdealResize(nn.Module):
+    """Ideal (band-limited) resampling of NCHW maps to the size ``F.interpolate`` would give: ``size``, or
+    floor(H s), floor(W s) for a ``scale_factor`` s. Replaces ``nn.Upsample`` / ``F.interpolate`` when the factor
+    is not an integer or the size is given (also computed in the graph: an FPN's ``size=skip.shape[-2:]``).
+    An input shift (dy, dx) moves the output by (dy H_out / H, dx W_out / W), exactly. Called as the
+    function it replaces: ``forward(x, size=None, scale_factor=None, ...)``; arguments given there win
+    over the ones stored."""
+
+    takes_call_arguments = True     # the engine calls it with the replaced call's arguments
+
+    def __init__(self, size: int | Sequence[int] | None = None, scale_factor: float | Sequence[float] | None = None):
+        super().__init__()
+        self.size = size if size is None or isinstance(size, int) else tuple(int(s) for s in size)
+        self.scale_factor = scale_factor if scale_factor is None or isinstance(scale_factor, (int, float)) \
+            else tuple(float(f) for f in scale_factor)
+
+    @staticmethod
+    def output_size(shape: Sequence[int], size=None, scale_factor=None) -> tuple[int, int]:
+        """``F.interpolate``'s output size for an input of spatial ``shape``."""
+        if size is not None:
+            return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if scale_factor is None:
+            raise ValueError("IdealResize needs a size or a scale factor")
+        f = (scale_factor, scale_factor) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
+        return int(math.floor(shape[0] * f[0])), int(math.floor(shape[1] * f[1]))
+
+    def forward(self, x: torch.Tensor, size=None, scale_factor=None, *args, **kwargs) -> torch.Tensor:
+        if size is None and scale_factor is None:
+            size, scale_factor = self.size, self.scale_factor
+        return ideal_resample(x, self.output_size(x.shape[-2:], size, scale_factor), (-2, -1))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale_factor={self.scale_factor}"
