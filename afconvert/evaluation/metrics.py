@@ -26,10 +26,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.converter.certify import expected_shift, output_layouts, output_leaves
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
 __all__ = [
-    "finite_rows", "predict", "topk_correct", "band_limit", "bilinear_shift", "certified_correct",
+    "finite_rows", "predict", "topk_correct", "band_limit", "output_equivariance", "bilinear_shift", "certified_correct",
     "consistency_same", "equivariance_diff", "stage_layers", "crop_windows", "crop_shift_correct",
     "logit_change", "accuracy_over", "certified_accuracy_over", "consistency_over",
 ]
@@ -201,6 +202,28 @@ def equivariance_diff(model: Model, x: torch.Tensor, shifts: Iterable[Shift], la
         for h in handles:
             h.remove()
     return {k: v / max(1, len(shifts)) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def output_equivariance(model: nn.Module, x: torch.Tensor, shifts: Iterable[Shift], eps: float = 1e-6
+                        ) -> dict[str, torch.Tensor]:
+    """The paper's equivariance diff on a model's own outputs (a backbone's feature maps, a segmentation net's
+    logits; any output structure, ``output_leaves``), per output and image, averaged over ``shifts``:
+    y0 = the output of the shifted input, y1 = the output shifted by the same band-limited shift rescaled to
+    the output (d H_out / H; spatially constant outputs: not shifted), diff = mean |y0 - y1| / (max(|y0|,
+    |y1|) + eps). Returns {output path ("output" for a lone tensor): (B,) diff}; nan where non-finite."""
+    base = band_limit(x)
+    ref = output_leaves(model(base))
+    layouts = output_layouts(model, base[:1])
+    sums = {k: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for k in ref}
+    shifts = [tuple(map(float, s)) for s in shifts]
+    for d in shifts:
+        moved = output_leaves(model(fractional_shift(base, *d)))
+        for k, y_ref in ref.items():
+            y0, y1 = moved[k], expected_shift(y_ref, layouts.get(k), d, x.shape[-2:])
+            rel = (y0 - y1).abs() / (torch.maximum(y0.abs(), y1.abs()) + eps)
+            sums[k] += rel.flatten(1).mean(dim=1).double()
+    return {(k or "output"): v / max(1, len(shifts)) for k, v in sums.items()}
 
 
 def crop_windows(max_shift: int) -> list[tuple[int, int]]:

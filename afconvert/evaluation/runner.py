@@ -233,6 +233,19 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+@torch.no_grad()
+def _dense(model: nn.Module, x: torch.Tensor, label: str, metrics: set[str]) -> bool:
+    """True when ``model`` does not return (B, K) logits (a backbone, a segmentation net, several outputs):
+    then only the per-output ``equivariance`` metric applies."""
+    y = model(x[:1])
+    if torch.is_tensor(y) and y.dim() == 2:
+        return False
+    if metrics - {"equivariance", "accuracy"} or "equivariance" not in metrics:
+        raise EvalError(f"{label} returns feature maps or several outputs, not logits: only the per-output "
+                        f"equivariance metric applies; fix: --metrics equivariance")
+    return True
+
+
 def evaluate_model(cand: Candidate, samples: Sequence[tuple[Path, int]], metrics: set[str], grids: GridSpec,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
                    forward_batch: int | None = None, seed: int = 0, input_size: int | None = None,
@@ -254,12 +267,20 @@ def evaluate_model(cand: Candidate, samples: Sequence[tuple[Path, int]], metrics
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=cand.label, unit="batch", file=sys.stderr, leave=False,
                disable=None if progress is None else not progress)
-    unreadable = 0
+    unreadable, dense = 0, None
     for x, xe, y, skipped in bar:
         unreadable += skipped
         if x is None:
             continue
         x, y = x.to(device=device, dtype=dtype), y.to(device)
+        dense = _dense(model, x, cand.label, metrics) if dense is None else dense
+        if dense:                                       # feature maps or several outputs: per-output equivariance
+            s.n += x.shape[0]
+            diffs = M.output_equivariance(model, x, grids.equivariance)
+            s.add("finite", torch.stack([torch.isfinite(v) for v in diffs.values()]).all(0))
+            for k, v in diffs.items():
+                s.add_vec("eq:" + k, v.view(-1, 1))
+            continue
         logits = fwd(x)
         n_cls = logits.shape[-1]
         if int(y.max()) >= n_cls:

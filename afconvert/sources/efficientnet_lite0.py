@@ -285,8 +285,11 @@ def load_timm_model(**timm_kwargs) -> torch.nn.Module:
     timm_kwargs.pop("pretrained", None)
     model = timm.create_model(TIMM_MODEL, pretrained=False, **timm_kwargs)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = to_timm(state_dict)
+    if timm_kwargs.get("features_only"):  # a backbone: the weights of its layers (no head), still strictly
+        mapped = {k: mapped[k] for k in model.state_dict() if k in mapped}
     try:
-        model.load_state_dict(to_timm(state_dict), strict=True)
+        model.load_state_dict(mapped, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         if len(detail) > 300:

@@ -267,3 +267,23 @@ def test_interrupt_leaves_outputs_untouched(tmp_path, capsys, monkeypatch):
     assert rc == 130 and "interrupted" in capsys.readouterr().err
     assert out.read_text() == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "res.json"]
+
+
+def test_dense_models_get_the_per_output_equivariance(tmp_path, capsys):
+    """A backbone (features_only) is evaluated on its own outputs: the converted one's diff is float rounding,
+    the source's is not; the classification metrics are refused in one line."""
+    data = _folder(tmp_path / "data", {"chelsea": 0, "coffee": 1})
+    built = afconvert.build("resnet18", pretrained=False, features_only=True, out_indices=(1, 2), input_size=(48, 48))
+    afconvert.save(built.converted, tmp_path / "bb.pt")
+    torch.save(built.source.state_dict(), tmp_path / "src.pt")
+    argv = ["--data", str(data), "--metrics", "equivariance", "--grid", "equivariance:1x1,1/2x1/2,1/3x2/3"]
+    rows = _run_json(capsys, [str(tmp_path / "bb.pt"), *argv])
+    assert set(rows[0]["equivariance"]) == {"0", "1"} and max(rows[0]["equivariance"].values()) < 1e-4
+    assert rows[0]["accuracy"] is None
+    with torch.no_grad():
+        x = torch.randn(2, 3, SIZE, SIZE)
+        from afconvert.evaluation.metrics import output_equivariance
+        source = output_equivariance(built.source.eval(), x, [(0.5, 0.5), (1 / 3, 2 / 3)])
+    assert min(float(v.mean()) for v in source.values()) > 0.05
+    assert eval_cli.run([str(tmp_path / "bb.pt"), "--data", str(data), "--no-progress"]) == 2
+    assert "only the per-output equivariance metric applies; fix: --metrics equivariance" in capsys.readouterr().err
