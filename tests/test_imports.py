@@ -75,3 +75,14 @@ def test_cli_starts_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "unknown timm model 'convnext_tinny'" in proc.stderr and "convnext_tiny" in proc.stderr
+
+
+def test_no_function_in_the_library_is_longer_than_80_lines():
+    """Long functions hide phases: each is split into named steps (as ``convert`` is into analyse, plan,
+    apply and report)."""
+    root = ROOT / "afconvert"
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(root.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, long

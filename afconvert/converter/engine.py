@@ -339,7 +339,37 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         measured = _measure(out, plan, calibration)
         notes.append(f"{measured} activation(s) fitted per channel by least squares on {len(calibration)} "
                      f"calibration images")
+    swaps, functional, kept = _replacements(plan, sites)
+    out, swapped = _apply(out, model, sites, swaps, functional, notes)
+    if swapped:
+        for fam in rec.families.values():
+            hook = getattr(fam.module, "after_conversion", None)
+            if hook is not None:
+                notes.extend(hook(out, rec.for_family(fam.name), calibration, input_size, in_chans))
+    if kept:
+        patterns = sorted(set(kept.values()))
+        notes.append(f"{len(kept)} node(s) kept as they are by recipe override(s) "
+                     f"{', '.join(repr(p) for p in patterns)}")
+    out.train(was_training)
+    out.afconvert_info = {"recipe": rec.name, "options": rec.to_dict(), "input_size": list(input_size),
+                          "in_chans": in_chans, "replaced": sorted(swapped), "graph_module": bool(functional)}
+    src_before = {s.name: before[id(s.node)] for s in sites}
+    src_before.update({_rewritten_name(n): before[id(n)] for n in functional})
+    report = _conversion_report(out, rec, notes, swapped, kept, src_before, leaf_modules, rules)
+    if check_numerics:
+        report.numerics = converted_numerics(out)
+    out.afconvert_report = report
+    if strict and (report.offenders or not report.stable):
+        parts = ([f"{len(report.offenders)} node(s) not exactly alias-free: {report.graph_verdict_text}"]
+                 if report.offenders else []) + ([report.instability] if not report.stable else [])
+        raise NotAliasFreeError("strict: " + "; ".join(parts))
+    return out
 
+
+def _replacements(plan: list, sites: list[Site]) -> tuple[dict[str, list[nn.Module]], dict[fx.Node, nn.Module],
+                                                          dict[str, str]]:
+    """Run each planned site's strategy: (module swaps by path, functional calls to rewrite, sites kept by an
+    override and its pattern); then the graph passes over the swaps."""
     swaps: dict[str, list[nn.Module]] = {}
     functional: dict[fx.Node, nn.Module] = {}
     kept: dict[str, str] = {}
@@ -359,6 +389,13 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
             swaps.setdefault(site.name, []).append(new)
     for graph_pass in PASSES:
         graph_pass(sites, swaps)
+    return swaps, functional, kept
+
+
+def _apply(out: nn.Module, model: nn.Module, sites: list[Site], swaps: dict, functional: dict, notes: list[str]
+           ) -> tuple[nn.Module, dict[str, str]]:
+    """Swap the modules in ``out`` (a copy of ``model``) and rewrite the functional calls (the result is then the
+    traced graph module); returns it and {path: the class or function it replaced}."""
     swapped = {}
     for name, news in swaps.items():
         if len({repr(m) for m in news}) > 1:
@@ -372,23 +409,16 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         swapped.update(rewritten)
         notes.append(f"{len(functional)} functional call(s) rewritten as modules: the result is a torch.fx "
                      f"GraphModule traced in eval mode (its forward is the traced graph)")
-    if swapped:
-        for fam in rec.families.values():
-            hook = getattr(fam.module, "after_conversion", None)
-            if hook is not None:
-                notes.extend(hook(out, rec.for_family(fam.name), calibration, input_size, in_chans))
-    if kept:
-        patterns = sorted(set(kept.values()))
-        notes.append(f"{len(kept)} node(s) kept as they are by recipe override(s) "
-                     f"{', '.join(repr(p) for p in patterns)}")
-    out.train(was_training)
-    out.afconvert_info = {"recipe": rec.name, "options": rec.to_dict(), "input_size": list(input_size),
-                          "in_chans": in_chans, "replaced": sorted(swapped), "graph_module": bool(functional)}
-    report = audit(out, input_size, in_chans, check=False, leaf_modules=leaf_modules, rules=rules)
+    return out, swapped
+
+
+def _conversion_report(out: nn.Module, rec: Recipe, notes: list[str], swapped: dict[str, str], kept: dict[str, str],
+                       src_before: dict[str, Judgement], leaf_modules, rules) -> Report:
+    """The converted model's audit (no checks), with what replaced what and the source op's verdict."""
+    report = audit(out, out.afconvert_info["input_size"], out.afconvert_info["in_chans"], check=False,
+                   leaf_modules=leaf_modules, rules=rules)
     report.recipe = rec.name
     report.notes.extend(notes)
-    src_before = {s.name: before[id(s.node)] for s in sites}
-    src_before.update({_rewritten_name(n): before[id(n)] for n in functional})
     for f in report.findings:
         if f.node in swapped:
             f.op = swapped[f.node]
@@ -396,11 +426,4 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
             f.before = src_before[f.node].verdict
         elif f.node in kept and f.verdict is not Verdict.EXACT:
             f.reason += f" (kept by recipe override '{kept[f.node]}')"
-    if check_numerics:
-        report.numerics = converted_numerics(out)
-    out.afconvert_report = report
-    if strict and (report.offenders or not report.stable):
-        parts = ([f"{len(report.offenders)} node(s) not exactly alias-free: {report.graph_verdict_text}"]
-                 if report.offenders else []) + ([report.instability] if not report.stable else [])
-        raise NotAliasFreeError("strict: " + "; ".join(parts))
-    return out
+    return report

@@ -233,6 +233,44 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def _classification_metrics(s: "_Sums", fwd: Forward, model: nn.Module, x: torch.Tensor, xe: torch.Tensor,
+                            y: torch.Tensor, label: str, metrics: set[str], grids: GridSpec, gen: dict, chunk: int,
+                            ts: list) -> None:
+    """Add one batch's classification metrics (top-1/5, certified grids, consistency, crop-shift, the logit
+    change curve, per-stage equivariance) to ``s``."""
+    device, dtype = x.device, x.dtype
+    logits = fwd(x)
+    n_cls = logits.shape[-1]
+    if int(y.max()) >= n_cls:
+        raise EvalError(f"class index {int(y.max())} but {label} has {n_cls} classes; fix: check the "
+                        f"class folders / --class-map")
+    s.n += x.shape[0]
+    top1 = M.topk_correct(logits, y, 1)
+    s.add("top1", top1)
+    s.add("top5", M.topk_correct(logits, y, 5))
+    s.add("finite", M.finite_rows(logits))
+    for name in ("integer", "half", "fractional"):
+        if name in metrics:
+            s.add(name, M.certified_correct(fwd, x, y, getattr(grids, name), chunk=chunk, correct=top1))
+    if "bilinear" in metrics:
+        s.add("bilinear", M.certified_correct(fwd, x, y, grids.bilinear, "bilinear", chunk, correct=top1))
+    if "consistency" in metrics:
+        s.add("cons_int", M.consistency_same(fwd, x, grids.consistency, False, gen["int"], chunk)[0])
+        s.add("cons_frac", M.consistency_same(fwd, x, grids.consistency, True, gen["frac"], chunk)[0])
+    if "crop" in metrics:
+        ok = M.crop_shift_correct(fwd, xe.to(device=device, dtype=dtype), y, x.shape[-2:], grids.crop, chunk)
+        s.add_vec("crop", ok.double().mean(1))
+        s.add("crop_certified", ok.flatten(1).all(1))
+    if "curve" in metrics:
+        diag = [(t, t) for t in ts]
+        s.add_vec("curve_band", M.logit_change(fwd, x, diag, "band_limited", chunk))
+        s.add_vec("curve_bilinear", M.logit_change(fwd, x, diag, "bilinear", chunk))
+    if "equivariance" in metrics:
+        diffs = M.equivariance_diff(fwd, x, grids.equivariance, module=model)
+        for k, v in diffs.items():
+            s.add_vec("eq:" + k, v.view(-1, 1))
+
+
 @torch.no_grad()
 def _dense(model: nn.Module, x: torch.Tensor, label: str, metrics: set[str]) -> bool:
     """True when ``model`` does not return (B, K) logits (a backbone, a segmentation net, several outputs):
@@ -281,36 +319,7 @@ def evaluate_model(cand: Candidate, samples: Sequence[tuple[Path, int]], metrics
             for k, v in diffs.items():
                 s.add_vec("eq:" + k, v.view(-1, 1))
             continue
-        logits = fwd(x)
-        n_cls = logits.shape[-1]
-        if int(y.max()) >= n_cls:
-            raise EvalError(f"class index {int(y.max())} but {cand.label} has {n_cls} classes; fix: check the "
-                            f"class folders / --class-map")
-        s.n += x.shape[0]
-        top1 = M.topk_correct(logits, y, 1)
-        s.add("top1", top1)
-        s.add("top5", M.topk_correct(logits, y, 5))
-        s.add("finite", M.finite_rows(logits))
-        for name in ("integer", "half", "fractional"):
-            if name in metrics:
-                s.add(name, M.certified_correct(fwd, x, y, getattr(grids, name), chunk=chunk, correct=top1))
-        if "bilinear" in metrics:
-            s.add("bilinear", M.certified_correct(fwd, x, y, grids.bilinear, "bilinear", chunk, correct=top1))
-        if "consistency" in metrics:
-            s.add("cons_int", M.consistency_same(fwd, x, grids.consistency, False, gen["int"], chunk)[0])
-            s.add("cons_frac", M.consistency_same(fwd, x, grids.consistency, True, gen["frac"], chunk)[0])
-        if "crop" in metrics:
-            ok = M.crop_shift_correct(fwd, xe.to(device=device, dtype=dtype), y, x.shape[-2:], grids.crop, chunk)
-            s.add_vec("crop", ok.double().mean(1))
-            s.add("crop_certified", ok.flatten(1).all(1))
-        if "curve" in metrics:
-            diag = [(t, t) for t in ts]
-            s.add_vec("curve_band", M.logit_change(fwd, x, diag, "band_limited", chunk))
-            s.add_vec("curve_bilinear", M.logit_change(fwd, x, diag, "bilinear", chunk))
-        if "equivariance" in metrics:
-            diffs = M.equivariance_diff(fwd, x, grids.equivariance, module=model)
-            for k, v in diffs.items():
-                s.add_vec("eq:" + k, v.view(-1, 1))
+        _classification_metrics(s, fwd, model, x, xe, y, cand.label, metrics, grids, gen, chunk, ts)
     wall = time.perf_counter() - t0
     if s.n == 0:
         raise EvalError(f"no images were evaluated ({unreadable} unreadable); fix: check --data and --limit")
