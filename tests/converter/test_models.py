@@ -65,6 +65,7 @@ def test_more_families_finite_and_bounded(name):
     source, _ = create_source_model(name, pretrained=False)
     report = afconvert.convert(source, input_size=SIZE).afconvert_report
     assert report.stable, report.verdict_text
+    assert len(report.replaced) > 10 and report.verdict is Verdict.EXACT, report.verdict_text   # converted, certified
     worst = report.numerics["max_abs_logit"]     # measured at the probe (64) and the native size
     assert len(worst) == 2 and "64x64" in worst and max(worst.values()) < LOGIT_BOUND, worst
 
