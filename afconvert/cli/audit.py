@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from afconvert.cli.common import add_model_arguments, guarded, model_kwargs
@@ -23,22 +22,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
-    from afconvert.sources.names import check_name
-    checkpoint = Path(args.model).is_file()
-    if not checkpoint:
-        check_name(args.model)
-
     from afconvert.converter.engine import audit
-    from afconvert.sources.checkpoint import load
-    from afconvert.sources.models import create_source_model
+    from afconvert.sources.resolve import resolve
 
-    if checkpoint:
-        model = load(args.model)
-        size = args.input_size or model.afconvert_info["input_size"]
-    else:
-        model, _ = create_source_model(args.model, weights=args.weights, pretrained=not args.no_pretrained,
-                                       **model_kwargs(args))
-        size = args.input_size
+    resolved = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, **model_kwargs(args))
+    model = resolved.model
+    size = args.input_size or (model.afconvert_info["input_size"] if resolved.checkpoint else None)
     report = audit(model, input_size=size)
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))

@@ -7,7 +7,6 @@ input size (``--input-size``, default the model's native size, e.g. 224 224) and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
 from afconvert.cli.common import add_model_arguments, check_output_path, guarded, model_kwargs
@@ -31,21 +30,12 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     check_output_path(args.onnx, "--onnx", "model.onnx")
-    from afconvert.sources.names import check_name
-    checkpoint = Path(args.model).is_file()
-    if not checkpoint:
-        check_name(args.model)
+    from afconvert.sources.resolve import resolve
+    model = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
+                    input_size=args.input_size, **model_kwargs(args)).model
 
     from afconvert.converter.certify import native_input_size
     from afconvert.export import export_onnx
-    from afconvert.sources.checkpoint import load
-    from afconvert.sources.pipeline import build
-
-    if checkpoint:
-        model = load(args.model)
-    else:
-        model = build(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
-                      input_size=args.input_size, **model_kwargs(args)).converted
     info = getattr(model, "afconvert_info", {})
     size = args.input_size or native_input_size(model)
     res = export_onnx(model, args.onnx, size, in_chans=info.get("in_chans", 3), opset=args.opset,

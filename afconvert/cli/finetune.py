@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from afconvert.cli.common import guarded, model_kwargs
@@ -46,31 +45,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _models(args):
-    """(student, teacher) as the arguments say."""
-    from afconvert.sources.checkpoint import load
+def _source_of(student, path: str):
+    """The source model of a converted checkpoint, with the student's own weights (its teacher)."""
     from afconvert.sources.models import create_source_model
     from afconvert.train.finetune import FinetuneError
+    src = student.afconvert_info.get("source") or {}
+    teacher, _ = create_source_model(f"{src.get('library', 'timm')}:{src.get('name')}", pretrained=False,
+                                     **src.get("kwargs", {}))
+    own, mine = teacher.state_dict(), student.state_dict()
+    bad = [k for k, v in own.items() if k not in mine or mine[k].shape != v.shape]
+    if bad:
+        raise FinetuneError(f"cannot rebuild the teacher from {path} ({len(bad)} of its weights, e.g. {bad[0]}, are "
+                            f"not in the student); fix: pass --teacher NAME --teacher-weights FILE")
+    teacher.load_state_dict({k: mine[k] for k in own}, strict=True)
+    return teacher
+
+
+def _models(args):
+    """(student, teacher) as the arguments say."""
+    from afconvert.sources.models import create_source_model
+    from afconvert.sources.resolve import resolve
     kwargs = model_kwargs(args)
-    if Path(args.student).is_file():
-        student = load(args.student)
-        teacher = None
-        if args.teacher is None:
-            src = student.afconvert_info.get("source") or {}
-            teacher, _ = create_source_model(f"{src.get('library', 'timm')}:{src.get('name')}", pretrained=False,
-                                             **src.get("kwargs", {}))
-            own, mine = teacher.state_dict(), student.state_dict()
-            bad = [k for k, v in own.items() if k not in mine or mine[k].shape != v.shape]
-            if bad:
-                raise FinetuneError(f"cannot rebuild the teacher from {args.student} ({len(bad)} of its weights, "
-                                    f"e.g. {bad[0]}, are not in the student); fix: pass --teacher NAME "
-                                    f"--teacher-weights FILE")
-            teacher.load_state_dict({k: mine[k] for k in own}, strict=True)
-    else:
-        from afconvert.sources.pipeline import build
-        built = build(args.student, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
-                      calibration=args.calibration, **kwargs)
-        student, teacher = built.converted, built.source
+    resolved = resolve(args.student, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
+                       calibration=args.calibration, **kwargs)
+    student, teacher = resolved.model, resolved.source
+    if resolved.checkpoint and args.teacher is None:
+        teacher = _source_of(student, args.student)
     if args.teacher is not None:
         n = args.teacher_num_classes or args.num_classes
         teacher_kwargs = {**kwargs, **({"num_classes": n} if n is not None else {})}

@@ -33,17 +33,15 @@ def _main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     import os
 
-    from afconvert.sources.names import check_name
-    check_name(args.model)
     import torch
 
-    from afconvert.sources.pipeline import build
+    from afconvert.sources.resolve import resolve
     from afconvert.train.finetune import finetune
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(args.seed)        # the initial weights too are a function of --seed
-    model = build(args.model, weights=args.weights, pretrained=args.weights is not None, recipe=args.recipe,
-                  input_size=tuple(args.input_size) if args.input_size else None, **model_kwargs(args)).converted
+    model = resolve(args.model, weights=args.weights, pretrained=args.weights is not None, recipe=args.recipe,
+                    input_size=tuple(args.input_size) if args.input_size else None, **model_kwargs(args)).model
     return report(finetune(model, None, training_config(args), log=log), rank)
 
 

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -129,29 +128,14 @@ class Candidate:
     source: str
 
 
-def _looks_like_path(arg: str) -> bool:
-    return os.sep in arg or "/" in arg or Path(arg).suffix in (".pt", ".pth", ".bin", ".safetensors")
-
-
 def resolve_model(arg: str, weights: str | None = None, pretrained: bool = True,
                   num_classes: int | None = None) -> Candidate:
-    """An existing file: an afconvert checkpoint, loaded as saved. Otherwise a model name, built with its
-    weights as the converter builds it (``afconvert.sources.models.create_source_model``)."""
-    if Path(arg).is_file():
-        from afconvert.sources.checkpoint import load
-        model = load(arg)
-        info = getattr(model, "afconvert_info", {}) or {}
-        src = info.get("source") or {}
-        source = (f"afconvert checkpoint: {src.get('library', 'timm')}:{src.get('name', '?')} converted with "
-                  f"'{info.get('recipe', '?')}', weights {src.get('weights', '?')}")
-        return Candidate(arg, model, source)
-    if _looks_like_path(arg):
-        raise EvalError(f"checkpoint not found: {arg}; fix: check the path (or give a model name such as "
-                        f"convnext_tiny)")
-    from afconvert.sources.models import create_source_model
+    """An afconvert checkpoint, loaded as saved, or a model name built with its weights as the converter
+    builds it (``afconvert.sources.resolve``)."""
+    from afconvert.sources.resolve import resolve
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-    model, spec = create_source_model(arg, weights=weights, pretrained=pretrained, **kwargs)
-    return Candidate(arg, model, f"{spec.library}:{spec.name}, weights {spec.weights}")
+    r = resolve(arg, weights=weights, pretrained=pretrained, **kwargs)
+    return Candidate(arg, r.model, r.description)
 
 
 def _num_classes(model: nn.Module) -> int | None:

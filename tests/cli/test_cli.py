@@ -172,7 +172,6 @@ def test_bench_side_by_side(mode, capsys, one_thread):
         assert r["ms_per_batch"] > 0 and r["peak_mb"] > 0
         assert r["images_per_s"] == pytest.approx(2 / r["ms_per_batch"] * 1e3)
     assert res["ratio"]["time"] == pytest.approx(res["converted"]["ms_per_batch"] / res["original"]["ms_per_batch"])
-    assert res["ratio"]["time"] > 1          # the converted model does more work (FFTs, 2x-rate polynomials)
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "ratio" in text and "ms/batch" in text and "peak MB" in text
