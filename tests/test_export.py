@@ -29,8 +29,7 @@ def tiny_convnet() -> torch.nn.Module:
 
 def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread, onnx_tools):
     """A converted model with every replaced family: exported, run in onnxruntime, the PyTorch logits.
-    (Exporting the full ConvNeXt-T, ResNet-50 and EfficientNet-B0 takes a minute each: measured by hand,
-    `afconvert export`, figures in the README.)"""
+    (A tiny model: full models take far longer to export; their figures are in docs/export.md.)"""
     model = afconvert.convert(tiny_convnet(), input_size=SIZE, check_numerics=False).eval()
     assert model.afconvert_report.verdict.value == "exact"
     res = export_onnx(model, tmp_path / "m.onnx", SIZE)
@@ -41,7 +40,7 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread, onnx_tools):
     # ... the size is not: the resampling matrices are the traced size's
     with pytest.raises(Exception):
         onnx_max_rel_error(model, res.path, torch.randn(2, 3, 48, 48, generator=g))
-    # no complex numbers, no FFT in the file: what made the export possible
+    # no complex numbers, no FFT in the file: the matmul form, which ONNX can hold
     import onnx
     ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
     assert "MatMul" in ops and not ops & {"DFT", "STFT"}, ops

@@ -4,10 +4,10 @@ A converted network computes different activations (polynomials instead of ReLU)
 statistics its BatchNorms learned on the source network no longer match them exactly. Running a few
 batches through the converted model with the BatchNorms (only) in training mode, averaging their
 batch statistics, re-estimates them for the converted network (recipe option
-``norm.recalibrate``). Off in ``afc``: its scale-equivariant activations keep the scale, the
-source's statistics fit real data, and statistics of noise at one size made plain-polynomial
-networks explode at other sizes. BatchNorm at eval stays a per-channel affine map: still exactly
-alias-free.
+``norm.recalibrate``). Off in ``afc``: its scale-equivariant activations keep the scale, so the
+source's statistics, which fit real data, still apply, and statistics of noise at one input size
+need not fit other sizes (see docs/models.md). BatchNorm at eval stays a per-channel affine map:
+still exactly alias-free.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class AFTracer(fx.Tracer):
     def _name_of(self, t: torch.Tensor) -> str | None:
         """The qualified name of a parameter (or, for other tensors, a buffer) of the root, or None.
         fx finds it by a linear search of ``named_parameters()`` / ``named_buffers()`` at every use
-        (quadratic in the model's size: half the time to trace a DenseNet); here a map, once per trace."""
+        (quadratic in the model's size); here a map, built once per trace (see docs/performance.md)."""
         if self._names is None:
             self._names = tuple({} for _ in range(2))
             for names, items in zip(self._names, (self.root.named_parameters(), self.root.named_buffers())):

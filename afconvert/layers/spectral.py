@@ -173,14 +173,10 @@ def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
 # How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".
 _METHOD = ["auto"]
 METHODS = ("auto", "fft", "matmul")
-# In "auto", float32 and float64 maps up to this size (in and out, each dim) take the dense matmul form: on 2
-# CPU threads float32 measured 3-9x faster than the FFT form from 7 to 224 px, and converted models 1.2-2x
-# faster on an H200 (bf16 autocast, batch 64); the converted zoo's float32 logits commute with fractional
-# shifts as closely as through FFTs (tests/converter/test_models.py). In float64, the dtype certificates are
-# checked in, converted models run 1.6-2.2x faster (48x56 px: ResNet-50, DenseNet-121, ConvNeXt-T,
-# EfficientNet-B0, MobileNetV3) with logits 1e-15 of the FFT form's, so the certificate checks the form a
-# float32 user runs. CUDA keeps the FFT form for float32 when its products may use TF32
-# (torch.set_float32_matmul_precision below "highest": 10-bit mantissas).
+# In "auto", float32 and float64 maps up to this size (in and out, each dim) take the dense matmul form, larger
+# ones the FFT form; float64 takes it too, so the certificates check the form a float32 user runs. CUDA keeps the
+# FFT form for float32 when its products may use TF32 (torch.set_float32_matmul_precision below "highest": 10-bit
+# mantissas). Timings behind the threshold: see docs/performance.md.
 MATMUL_MAX_SIZE = 512
 
 

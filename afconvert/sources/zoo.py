@@ -1,5 +1,5 @@
-"""The model zoo afconvert is tested on, every commit (``tests/converter/test_models.py``), and
-measured on (``examples/stability.py``): common timm and torchvision families, by name."""
+"""The model zoo that ``tests/converter/test_models.py`` tests and ``examples/stability.py`` measures:
+common timm and torchvision families, by name."""
 
 ZOO = (
     "timm:resnet18", "timm:resnet50", "timm:resnet18d", "timm:resnext50_32x4d", "timm:seresnet50",
@@ -10,8 +10,8 @@ ZOO = (
     "torchvision:convnext_tiny", "torchvision:regnet_y_400mf",
 )
 
-# ten further timm families whose converted logits were NaN or exploded at 96 px before the activations
-# were made scale-equivariant (default initialisation): checked for finite, bounded logits
+# ten further timm families, numerically hard for polynomial activations (see docs/models.md): checked for
+# finite, bounded converted logits at their default initialisation
 MORE = (
     "timm:dpn68", "timm:hrnet_w18_small", "timm:rexnet_100", "timm:semnasnet_100", "timm:tinynet_a",
     "timm:fbnetc_100", "timm:gernet_s", "timm:res2net50_26w_4s", "timm:mixnet_s", "timm:lcnet_050",

@@ -99,8 +99,8 @@ def test_out_must_be_a_file(tmp_path, capsys):
 
 
 def _plain_polynomial_recipe(tmp_path):
-    """The earlier `afc`: plain quadratics, BatchNorm statistics re-estimated on noise at 64 px (it overflows
-    at larger sizes: torchvision's ResNet-18 gave NaN at 224 px)."""
+    """`afc` with plain quadratics and BatchNorm statistics re-estimated on noise: a recipe whose models,
+    converted at 64 px, overflow at larger sizes (see docs/models.md)."""
     text = (resources.files("afconvert.rules") / "afc.toml").read_text()
     text = text.replace('normalize = "channel"', 'normalize = "none"').replace('name = "afc"', 'name = "plain"')
     text = text.replace("recalibrate = false", "recalibrate = true")

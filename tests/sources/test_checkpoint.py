@@ -96,12 +96,13 @@ def test_plan_rebuilds_only_afconvert_layers(converted, tmp_path):
 
 
 def test_format_1_checkpoints_still_load(tmp_path):
-    """Written before plans and scale-equivariant activations: rebuilt by converting with their options."""
+    """A format-1 checkpoint (no plan, no ``activation.normalize``, a ``norm.layernorm`` key) loads by converting
+    again with its options: the same logits."""
     built = afconvert.build("convnext_atto", pretrained=False, num_classes=7,
                             options={"activation": {"normalize": "none"}})
     old_options = built.converted.afconvert_info["options"]
-    del old_options["activation"]["normalize"]          # the old files did not have it
-    old_options["norm"]["layernorm"] = "chw"             # and had this key
+    del old_options["activation"]["normalize"]          # format 1 has no such option
+    old_options["norm"]["layernorm"] = "chw"             # and has this key
     ckpt = {"format": "afconvert/1", "source": built.converted.afconvert_info["source"],
             "recipe": {"name": "afc", "options": old_options}, "input_size": [64, 64], "in_chans": 3,
             "versions": {}, "state_dict": built.converted.state_dict()}
@@ -114,8 +115,8 @@ def test_format_1_checkpoints_still_load(tmp_path):
 
 @pytest.mark.parametrize("plan", [True, False])
 def test_checkpoints_from_before_the_inband_scale_keep_the_l4_scale(tmp_path, plan):
-    """Saved before [activation] had ``scale``: neither the recipe nor the plan's layers name it. They load
-    computing the L4 scale of the 2x grid, as they were trained (from the plan, or converting again)."""
+    """A checkpoint whose recipe and plan name no [activation] ``scale`` loads computing the L4 scale of the
+    2x grid, the scale it was trained with (from the plan, or converting again)."""
     built = afconvert.build("convnext_atto", pretrained=False, num_classes=7, options={"activation": {"scale": "l4"}})
     randomize_(built.converted, seed=2)
     afconvert.save(built.converted, tmp_path / "m.pt")

@@ -200,8 +200,7 @@ def _teacher_weights(tmp_path: Path) -> Path:
 def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
     """Two accumulated batches of 2 make the same update as one batch of 4 (the same 4 images, augmented
     alike: each sample's augmentation is seeded by its index). The weights are seeded, so the float32
-    rounding compared below does not depend on which tests ran before in the worker (over 46 seeds the
-    largest difference measured 3e-5 to 8e-5 of the step; one unseeded suite run drew 7e-4)."""
+    rounding compared below does not depend on test order within the worker."""
     torch.manual_seed(0)
     student, teacher = _pair()
     runs = {}
