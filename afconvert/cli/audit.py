@@ -27,7 +27,7 @@ def _main(argv: Sequence[str]) -> int:
 
     resolved = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, **model_kwargs(args))
     model = resolved.model
-    size = args.input_size or (model.afconvert_info["input_size"] if resolved.checkpoint else None)
+    size = args.input_size or (model.afconvert_info.input_size if resolved.checkpoint else None)
     report = audit(model, input_size=size)
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))

@@ -69,8 +69,8 @@ def _main(argv: Sequence[str]) -> int:
                                        f"--calibration DIR, or pass --allow-unstable to write it for fine-tuning")
     if not args.no_check and report.stable:
         info = built.converted.afconvert_info
-        for size in check_sizes(built.converted, info["input_size"]):
-            check = shift_check({"original": built.source, "converted": built.converted}, size, info["in_chans"])
+        for size in check_sizes(built.converted, info.input_size):
+            check = shift_check({"original": built.source, "converted": built.converted}, size, info.in_chans)
             report.checks.append(check)
             print(format_check(check))
     if args.strict and (report.offenders or not report.stable):

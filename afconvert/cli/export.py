@@ -36,14 +36,15 @@ def _main(argv: Sequence[str]) -> int:
 
     from afconvert.converter.certify import native_input_size
     from afconvert.export import export_onnx
-    info = getattr(model, "afconvert_info", {})
+    info = getattr(model, "afconvert_info", None)
+    chans = info.in_chans if info else 3
     size = args.input_size or native_input_size(model)
-    res = export_onnx(model, args.onnx, size, in_chans=info.get("in_chans", 3), opset=args.opset,
+    res = export_onnx(model, args.onnx, size, in_chans=chans, opset=args.opset,
                       check=not args.no_check, batch_size=args.batch_size)
     checked = "not checked" if res.max_rel_error is None else \
         f"onnxruntime matches PyTorch to {res.max_rel_error:.1e} (max error / max logit)"
     batch = args.batch_size or "N"
-    print(f"wrote {res.path} ({res.path.stat().st_size / 1e6:.1f} MB) for inputs ({batch}, {info.get('in_chans', 3)}, "
+    print(f"wrote {res.path} ({res.path.stat().st_size / 1e6:.1f} MB) for inputs ({batch}, {chans}, "
           f"{size[0]}, {size[1]}) in {res.seconds:.1f} s; {checked}")
     return 0
 

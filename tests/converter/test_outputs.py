@@ -134,7 +134,7 @@ def test_converted_decoder_rebuilds_from_its_plan():
     torch.manual_seed(0)
     source = Decoder("transposed").eval()
     converted = afconvert.convert(source, input_size=(16, 16))
-    rebuilt = apply_plan(Decoder("transposed").eval(), module_plan(converted, converted.afconvert_info["replaced"]))
+    rebuilt = apply_plan(Decoder("transposed").eval(), module_plan(converted, converted.afconvert_info.replaced))
     rebuilt.load_state_dict(converted.state_dict(), strict=True)
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(rebuilt(x), converted(x))

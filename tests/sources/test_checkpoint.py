@@ -23,7 +23,7 @@ def test_round_trip_reproduces_logits_exactly(converted, tmp_path):
     x = random_input(2, 3, (64, 64))
     with torch.no_grad():
         assert torch.equal(loaded(x), converted.eval()(x))
-    assert type(loaded) is type(converted) and loaded.afconvert_info["recipe"] == "afc"
+    assert type(loaded) is type(converted) and loaded.afconvert_info.recipe == "afc"
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
 
 
@@ -100,10 +100,10 @@ def test_format_1_checkpoints_still_load(tmp_path):
     again with its options: the same logits."""
     built = afconvert.build("convnext_atto", pretrained=False, num_classes=7,
                             options={"activation": {"normalize": "none"}})
-    old_options = built.converted.afconvert_info["options"]
+    old_options = built.converted.afconvert_info.options
     del old_options["activation"]["normalize"]          # format 1 has no such option
     old_options["norm"]["layernorm"] = "chw"             # and has this key
-    ckpt = {"format": "afconvert/1", "source": built.converted.afconvert_info["source"],
+    ckpt = {"format": "afconvert/1", "source": built.converted.afconvert_info.source,
             "recipe": {"name": "afc", "options": old_options}, "input_size": [64, 64], "in_chans": 3,
             "versions": {}, "state_dict": built.converted.state_dict()}
     torch.save(ckpt, tmp_path / "old.pt")
