@@ -50,7 +50,8 @@ AFC_RECIPE = ["--lr", "1e-3", *KD]
 ABLATION = {
     "recipe (KL T=2 + CE 1, lr 1e-3, BN trained)": [],
     "+ per-channel activation fit on 64 images (--calibration)": ["--calibration", "{data}"],
-    "+ block-wise reconstruction (--reconstruct)": ["--reconstruct"],
+    "+ block-wise reconstruction (--reconstruct, 30 steps x 2 batches per block)": [
+        "--reconstruct", "--reconstruct-steps", "30", "--reconstruct-batches", "2"],
     "+ blend, all layers, over half the steps (--blend 0.5)": ["--blend", "0.5"],
     "+ blend, front to back (--blend 0.5 --blend-order progressive)": ["--blend", "0.5", "--blend-order",
                                                                        "progressive"],
