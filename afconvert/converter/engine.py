@@ -24,7 +24,6 @@ from afconvert.converter.certify import (
 )
 from afconvert.converter.info import ConversionInfo
 from afconvert.converter.layout import Layout, infer_layouts
-from afconvert.converter.passes import PASSES
 from afconvert.converter.recipe import Recipe, all_rules, families, load_recipe
 from afconvert.converter.report import Finding, NotAliasFreeError, OutputFinding, Report
 from afconvert.converter.rule import KEEP, Analysis, Judgement, Rule, Site, Verdict
@@ -340,13 +339,12 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
         measured = _measure(out, plan, calibration)
         notes.append(f"{measured} activation(s) fitted per channel by least squares on {len(calibration)} "
                      f"calibration images")
-    swaps, functional, kept = _replacements(plan, sites)
+    swaps, functional, kept = _replacements(plan, sites, rec)
     out, swapped = _apply(out, model, sites, swaps, functional, notes)
     if swapped:
         for fam in rec.families.values():
-            hook = getattr(fam.module, "after_conversion", None)
-            if hook is not None:
-                notes.extend(hook(out, rec.for_family(fam.name), calibration, input_size, in_chans))
+            if fam.after_conversion is not None:
+                notes.extend(fam.after_conversion(out, rec.for_family(fam.name), calibration, input_size, in_chans))
     if kept:
         patterns = sorted(set(kept.values()))
         notes.append(f"{len(kept)} node(s) kept as they are by recipe override(s) "
@@ -367,10 +365,10 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     return out
 
 
-def _replacements(plan: list, sites: list[Site]) -> tuple[dict[str, list[nn.Module]], dict[fx.Node, nn.Module],
+def _replacements(plan: list, sites: list[Site], rec: Recipe) -> tuple[dict[str, list[nn.Module]], dict[fx.Node, nn.Module],
                                                           dict[str, str]]:
     """Run each planned site's strategy: (module swaps by path, functional calls to rewrite, sites kept by an
-    override and its pattern); then the graph passes over the swaps."""
+    override and its pattern); then the families' graph passes over the swaps."""
     swaps: dict[str, list[nn.Module]] = {}
     functional: dict[fx.Node, nn.Module] = {}
     kept: dict[str, str] = {}
@@ -388,8 +386,9 @@ def _replacements(plan: list, sites: list[Site]) -> tuple[dict[str, list[nn.Modu
             functional[site.node] = new
         else:
             swaps.setdefault(site.name, []).append(new)
-    for graph_pass in PASSES:
-        graph_pass(sites, swaps)
+    for fam in rec.families.values():
+        for graph_pass in fam.passes:
+            graph_pass(sites, swaps)
     return swaps, functional, kept
 
 

@@ -43,12 +43,15 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    """A rule family: its name, its options (a frozen dataclass), its rules, and the rules module."""
+    """A rule family: its name, its options (a frozen dataclass), its rules, its graph passes and its hook
+    after conversion (see ``afconvert.converter.rule``), and the rules module."""
 
     name: str
     options: type
     rules: tuple[Rule, ...]
     module: types.ModuleType | None = None
+    passes: tuple[typing.Callable, ...] = ()
+    after_conversion: typing.Callable | None = None
 
     @property
     def strategies(self) -> tuple[str, ...]:
@@ -62,7 +65,8 @@ def _shipped_families() -> tuple[Family, ...]:
     out = []
     for name in pkg.FAMILIES:
         mod = importlib.import_module(f"afconvert.rules.{name}")
-        out.append(Family(mod.FAMILY, getattr(mod, "Options", Options), tuple(mod.RULES), mod))
+        out.append(Family(mod.FAMILY, getattr(mod, "Options", Options), tuple(mod.RULES), mod,
+                          tuple(getattr(mod, "PASSES", ())), getattr(mod, "after_conversion", None)))
     return tuple(out)
 
 

@@ -2,7 +2,16 @@
 
 Rules live in ``rules/`` (installed as ``afconvert.rules``), one module per layer family, each
 exporting ``FAMILY`` (its name), ``Options`` (a frozen dataclass: the family's recipe options and
-their only defaults) and ``RULES``. The engine (``afconvert.converter.engine``) matches graph
+their only defaults) and ``RULES``, and optionally its extension points:
+
+* ``PASSES``: graph passes, ``pass(sites, swaps)``, run after every site's strategy: they may rewrite the
+  planned swaps (module path -> replacements) looking at several sites at once (the activation family fuses
+  ``fc1 -> act -> fc2``);
+* ``after_conversion(model, options, calibration, input_size, in_chans) -> list[str]``: called on the
+  converted model when anything was replaced; returns notes for the report (the norm family re-estimates
+  BatchNorm statistics when its options ask).
+
+The engine (``afconvert.converter.engine``) matches graph
 nodes to rules; a recipe (``rules/*.toml``) picks each family's strategy (``replace``) and
 options, per module when it overrides them by name. Rules see the traced graph only through
 ``Site`` and its ``Analysis``.
