@@ -146,3 +146,28 @@ def test_features_only_checkpoint_loads(tmp_path):
     loaded = afconvert.load(tmp_path / "backbone.pt")
     x = torch.randn(1, 3, 32, 32)
     assert all(torch.equal(a, b) for a, b in zip(loaded(x), built.converted(x))) and len(loaded(x)) == 2
+
+
+def test_torchvision_feature_extractor_and_timm_intermediates():
+    """torchvision's ``create_feature_extractor`` (a dict of maps and a pooled vector) and timm's
+    ``forward_intermediates`` (a list of maps) convert, each output certified with its own kind."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    fe = create_feature_extractor(torchvision.models.resnet18().eval(), {"layer2": "c3", "avgpool": "pool"})
+    converted = afconvert.convert(fe, input_size=(48, 40))
+    _, outs = _certified(converted, (48, 40))
+    assert outs["c3"].kind == "equivariant" and outs["c3"].stride == ("8", "8") and outs["pool"].kind == "invariant"
+    assert max(_errors(converted, (48, 40)).values()) < 1e-10 and max(_errors(fe, (48, 40)).values()) > 0.1
+
+    class Intermediates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = timm.create_model("resnet18")
+
+        def forward(self, x):
+            return self.m.forward_intermediates(x, indices=2, intermediates_only=True)
+
+    report, outs = _certified(afconvert.convert(Intermediates().eval(), input_size=(48, 40)), (48, 40))
+    assert report.verdict.value == "exact" and [o.stride for o in report.outputs] == [("16", "40/3"), ("24", "20")]
