@@ -20,15 +20,14 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {"audit": "audit", "eval": "eval", "recipes": "recipes", "finetune": "finetune", "train": "train",
-            "bench": "bench", "export": "export"}
+COMMANDS = ("audit", "eval", "recipes", "finetune", "train", "bench", "export")   # each a module here
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         import importlib
-        name = COMMANDS.get(argv[0]) if argv else None
+        name = argv[0] if argv and argv[0] in COMMANDS else None
         module = importlib.import_module(f"afconvert.cli.{name or 'convert'}")
         return module.run(argv[1:] if name else argv)
     except KeyboardInterrupt:
