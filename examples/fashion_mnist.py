@@ -87,6 +87,11 @@ def run(out: Path, name: str, argv: list[str], minutes: dict) -> Path:
     return final
 
 
+def run_name(out: Path, path: Path) -> str | None:
+    """The run a model file came from (``out/runs/NAME/final.pt``), or None (not trained here)."""
+    return path.parent.name if path.parent.parent == out / "runs" else None
+
+
 def curves(out: Path, names: dict[str, str], baseline_top1: float | None) -> None:
     import csv
 
@@ -133,7 +138,7 @@ def main() -> None:
     if args.ablation:
         return ablation(out, data, plan, minutes)
     teacher = ["--teacher", MODEL, "--teacher-weights", str(out / "baseline.pt")]
-    models = {"baseline": out / "baseline.pt"}
+    models = {"baseline": base}
     converted = out / "afc_converted.pt"
     if not converted.is_file():
         afconvert(MODEL, "--weights", str(out / "baseline.pt"), "--num-classes", "10", "--in-chans", "1",
@@ -193,13 +198,9 @@ def write_results(out: Path, models: dict, minutes: dict, plan: dict, args) -> N
     total = round(sum(minutes.values()), 1)           # every stage, those of earlier (killed) invocations too
     top1 = json.loads((out / "eval_top1.json").read_text())           # one object per model, in order
     shifts = json.loads((out / "eval_shifts.json").read_text())
-    run_of = {"baseline": "baseline", "afc converted + fine-tuned": "afc_finetuned",
-              "aps converted + fine-tuned": "aps_finetuned", "blurpool converted + fine-tuned": "blurpool_finetuned",
-              "circular converted + fine-tuned": "circular_finetuned", "afc from scratch, labels": "afc_scratch",
-              "afc from scratch, same teacher": "afc_scratch_teacher"}
     rows = []
     for (label, path), a, s in zip(models.items(), top1, shifts):
-        rows.append({"model": label, "file": str(path), "train_minutes": minutes.get(run_of.get(label, "")),
+        rows.append({"model": label, "file": str(path), "train_minutes": minutes.get(run_name(out, path)),
                      "top1": a["accuracy"], "top1_subset": s["accuracy"], "certified_integer": s["certified_integer"],
                      "certified_half": s["certified_half"], "certified_fractional": s["certified_fractional"],
                      "consistency": s["consistency"], "crop_shift": (s["crop_shift"] or {}).get("certified")})

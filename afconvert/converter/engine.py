@@ -146,13 +146,10 @@ def _output_findings(outputs: list, by_node: dict[str, Finding], input_size: Seq
     ``by_node``: each graph node's finding, by node name."""
     if not outputs:
         return []
-    graph = outputs[0][1].graph
-    g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_edges_from((a.name, n.name) for a in n.all_input_nodes)
+    g = _dataflow(outputs[0][1].graph)
     result = []
     for path, node, layout in outputs:
-        upstream = nx.ancestors(g, node.name) | {node.name} if node.name in g else {node.name}
+        upstream = nx.ancestors(g, node.name) | {node.name}
         worst = max((by_node[n] for n in upstream if n in by_node and by_node[n].spatial
                      and by_node[n].verdict is not Verdict.EXACT), key=lambda f: f.verdict.rank, default=None)
         name, shape = path or "output", tuple(layout.shape)
@@ -187,12 +184,18 @@ def _model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def _reaching_output(graph: fx.Graph) -> set[str]:
-    """Names of the nodes on some path to the output: only those can make the logits alias."""
+def _dataflow(graph: fx.Graph) -> nx.DiGraph:
+    """The graph's nodes by name, an edge from each input to the node that reads it."""
     g = nx.DiGraph()
     for n in graph.nodes:
         g.add_node(n.name)
         g.add_edges_from((a.name, n.name) for a in n.all_input_nodes)
+    return g
+
+
+def _reaching_output(graph: fx.Graph) -> set[str]:
+    """Names of the nodes on some path to the output: only those can make the logits alias."""
+    g = _dataflow(graph)
     out = [n.name for n in graph.nodes if n.op == "output"]
     return set().union(*(nx.ancestors(g, o) for o in out)) if out else set(g)
 

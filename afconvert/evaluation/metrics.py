@@ -150,6 +150,11 @@ def stage_layers(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_children()]
 
 
+def _equivariance_diff(y0: torch.Tensor, y1: torch.Tensor, eps: float) -> torch.Tensor:
+    """The paper's diff per image: mean |y0 - y1| / (max(|y0|, |y1|) + eps) over every other dim, (B,) float64."""
+    return ((y0 - y1).abs() / (torch.maximum(y0.abs(), y1.abs()) + eps)).flatten(1).mean(dim=1).double()
+
+
 @torch.no_grad()
 def equivariance_diff(model: Model, x: torch.Tensor, shifts: Iterable[Shift], layers: Sequence[str] | None = None,
                       eps: float = 1e-6, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -195,9 +200,7 @@ def equivariance_diff(model: Model, x: torch.Tensor, shifts: Iterable[Shift], la
             for k, y_ref in f0.items():
                 h, w = y_ref.shape[-2:]
                 y1 = fractional_shift(y_ref, dy * h / h_in, dx * w / w_in)
-                y0 = f1[k]
-                rel = (y0 - y1).abs() / (torch.maximum(y0.abs(), y1.abs()) + eps)
-                sums[k] += rel.flatten(1).mean(dim=1).double()
+                sums[k] += _equivariance_diff(f1[k], y1, eps)
     finally:
         for h in handles:
             h.remove()
@@ -220,9 +223,7 @@ def output_equivariance(model: nn.Module, x: torch.Tensor, shifts: Iterable[Shif
     for d in shifts:
         moved = output_leaves(model(fractional_shift(base, *d)))
         for k, y_ref in ref.items():
-            y0, y1 = moved[k], expected_shift(y_ref, layouts.get(k), d, x.shape[-2:])
-            rel = (y0 - y1).abs() / (torch.maximum(y0.abs(), y1.abs()) + eps)
-            sums[k] += rel.flatten(1).mean(dim=1).double()
+            sums[k] += _equivariance_diff(moved[k], expected_shift(y_ref, layouts.get(k), d, x.shape[-2:]), eps)
     return {(k or "output"): v / max(1, len(shifts)) for k, v in sums.items()}
 
 

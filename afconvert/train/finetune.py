@@ -85,7 +85,6 @@ def register_step_hook(hook: Callable[[int], None]) -> RemovableHandle:
     return handle
 
 
-
 @dataclass
 class FinetuneConfig:
     data: str
