@@ -26,7 +26,6 @@ from afconvert.layers.conv import (
     tf_same_pad,
 )
 from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
-from afconvert.layers.pool import SampledPool2d
 from afconvert.layers.sampling import BlurConv2d, PolyphaseConv2d, SubsampledConv2d
 
 FAMILY = "conv"
@@ -59,26 +58,9 @@ class Options(rule.Options):
     stem_activation: StemActivation | None = None
 
 
-# the peers' samplers (afconvert.layers.sampling), judged the same after a conv or a pool
-PEER_SAMPLERS = {
-    "blur": (Verdict.APPROX, "binomial blur and sub-sampling by {s}: reduces aliasing, does not remove it"),
-    "aps": (Verdict.INTEGER, "adaptive polyphase sampling by {s}: invariant to integer circular shifts only"),
-    "subsampled": (Verdict.NOT, "circular, but sub-sampling by {s} keeps frequencies above Nyquist"),
-}
-
-
-def judge_peer_sampler(layer: nn.Module, stride) -> Judgement | None:
-    """The verdict of a conv or pool that down-samples with a peer's sampler; None for other layers."""
-    sampler = getattr(layer, "sampler", None)
-    if not isinstance(layer, (SampledConv2d, SampledPool2d)) or sampler not in PEER_SAMPLERS:
-        return None
-    verdict, reason = PEER_SAMPLERS[sampler]
-    return Judgement(verdict, reason.format(s=tuple(stride)))
-
-
 def _judge_conv(site: Site, options: Options) -> Judgement:
     conv: nn.Conv2d = site.module
-    peer = judge_peer_sampler(conv, getattr(conv, "down", (1, 1)))
+    peer = rule.judge_sampler(conv, getattr(conv, "down", (1, 1)))
     if peer is not None:
         return peer
     if isinstance(conv, AliasFreeConv2d):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 import torch.nn.functional as F
-from afconvert.rules.conv import judge_peer_sampler
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
 from afconvert.converter import rule
@@ -67,7 +66,7 @@ def _judge_pool(site: Site, options: Options) -> Judgement:
     pool = _pool_of(site)
     if pool is None:
         return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
-    peer = judge_peer_sampler(pool, pool.stride) if isinstance(pool, SampledPool2d) else None
+    peer = rule.judge_sampler(pool, pool.stride)
     if peer is not None:
         return peer
     if isinstance(pool, AliasFreePool2d):

@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
-import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from afconvert import rules
 from afconvert.converter.rule import DEFAULT, KEEP, Options, Rule
 
 __all__ = ["Recipe", "RecipeError", "Family", "Override", "load_recipe", "list_recipes", "all_rules", "families"]
@@ -61,13 +61,9 @@ class Family:
 
 @functools.lru_cache(maxsize=None)
 def _shipped_families() -> tuple[Family, ...]:
-    pkg = importlib.import_module("afconvert.rules")
-    out = []
-    for name in pkg.FAMILIES:
-        mod = importlib.import_module(f"afconvert.rules.{name}")
-        out.append(Family(mod.FAMILY, getattr(mod, "Options", Options), tuple(mod.RULES), mod,
-                          tuple(getattr(mod, "PASSES", ())), getattr(mod, "after_conversion", None)))
-    return tuple(out)
+    return tuple(Family(mod.FAMILY, getattr(mod, "Options", Options), tuple(mod.RULES), mod,
+                        tuple(getattr(mod, "PASSES", ())), getattr(mod, "after_conversion", None))
+                 for mod in rules.FAMILIES)
 
 
 def families(extra_rules: typing.Iterable[Rule] = ()) -> dict[str, Family]:

@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from afconvert.converter.layout import Layout
+from afconvert.layers.sampling import ShiftGuarantee
 
 __all__ = ["Verdict", "Judgement", "Analysis", "Site", "Rule", "Options", "KEEP", "DEFAULT"]
 
@@ -61,6 +62,19 @@ class Verdict(str, enum.Enum):
 class Judgement:
     verdict: Verdict
     reason: str
+
+
+_GUARANTEED = {ShiftGuarantee.INTEGER: Verdict.INTEGER, ShiftGuarantee.REDUCED: Verdict.APPROX,
+               ShiftGuarantee.NONE: Verdict.NOT}
+
+
+def judge_sampler(layer: nn.Module, stride) -> Judgement | None:
+    """The verdict of a layer that down-samples by ``stride`` with a peer's sampler (one that declares its
+    ``guarantee``, ``afconvert.layers.sampling``); None for any other layer."""
+    guarantee = getattr(type(layer), "guarantee", None)
+    if not isinstance(guarantee, ShiftGuarantee):
+        return None
+    return Judgement(_GUARANTEED[guarantee], guarantee.value.format(s=tuple(stride)))
 
 
 class Analysis:

@@ -19,6 +19,7 @@ the output has the source layer's own size, and a conv / pool class built like `
 """
 from __future__ import annotations
 
+import enum
 import math
 from typing import Sequence
 
@@ -28,8 +29,17 @@ import torch.nn.functional as F
 from afconvert.layers.conv import SampledConv2d, circular_pad
 from afconvert.layers.pool import SampledPool2d
 
-__all__ = ["binomial_filter", "blur_downsample", "polyphase_downsample", "subsample", "BlurConv2d", "BlurPool2d",
+__all__ = ["ShiftGuarantee", "binomial_filter", "blur_downsample", "polyphase_downsample", "subsample", "BlurConv2d", "BlurPool2d",
            "PolyphaseConv2d", "PolyphasePool2d", "SubsampledConv2d", "SubsampledPool2d"]
+
+
+class ShiftGuarantee(enum.Enum):
+    """What a peer's down-sampler guarantees under circular shifts of its input (its value: why, for a
+    stride ``{s}``); the converter turns it into the layer's verdict."""
+
+    INTEGER = "adaptive polyphase sampling by {s}: invariant to integer circular shifts only"
+    REDUCED = "binomial blur and sub-sampling by {s}: reduces aliasing, does not remove it"
+    NONE = "circular, but sub-sampling by {s} keeps frequencies above Nyquist"
 
 
 def _take(x: torch.Tensor, stride: Sequence[int], size: Sequence[int], offset=(0, 0)) -> torch.Tensor:
@@ -80,6 +90,7 @@ class SubsampledConv2d(SampledConv2d):
     """A strided convolution with circular padding: stride-1 circular conv, then sub-sampling."""
 
     sampler = "subsampled"
+    guarantee = ShiftGuarantee.NONE
 
     def downsample(self, y, size, x):
         return subsample(y, self.down, size)
@@ -89,6 +100,7 @@ class BlurConv2d(SampledConv2d):
     """BlurPool after a strided convolution: stride-1 circular conv, binomial blur, sub-sampling."""
 
     sampler = "blur"
+    guarantee = ShiftGuarantee.REDUCED
     filt_size = 3
 
     def downsample(self, y, size, x):
@@ -100,6 +112,7 @@ class PolyphaseConv2d(SampledConv2d):
     chosen on the layer's input)."""
 
     sampler = "aps"
+    guarantee = ShiftGuarantee.INTEGER
 
     def downsample(self, y, size, x):
         return polyphase_downsample(y, self.down, size, chooser=x)
@@ -109,6 +122,7 @@ class SubsampledPool2d(SampledPool2d):
     """A strided pool on the circular map: its local operator at stride 1, then sub-sampling."""
 
     sampler = "subsampled"
+    guarantee = ShiftGuarantee.NONE
 
     def downsample(self, y, size, x):
         return subsample(y, self.stride, size)
@@ -119,6 +133,7 @@ class BlurPool2d(SampledPool2d):
     sub-sampling."""
 
     sampler = "blur"
+    guarantee = ShiftGuarantee.REDUCED
     filt_size = 3
 
     def downsample(self, y, size, x):
@@ -130,6 +145,7 @@ class PolyphasePool2d(SampledPool2d):
     chosen on the pool's input)."""
 
     sampler = "aps"
+    guarantee = ShiftGuarantee.INTEGER
 
     def downsample(self, y, size, x):
         return polyphase_downsample(y, self.stride, size, chooser=x)
