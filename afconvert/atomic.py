@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, then a rename.
+"""Atomic file writes: a temporary file beside the target, then a rename. Every file afconvert writes
+goes through ``atomic_write`` (``atomic_torch_save`` and ``atomic_savefig`` are its two common uses).
 
 An interrupted or failed write never leaves a half-written file, and an existing file stays as it
 was until the new one is complete.
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_savefig"]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None] | bytes | str) -> None:
@@ -34,3 +35,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None] | bytes | s
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(path: str | Path, obj) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    import torch
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_savefig(path: str | Path, fig, **kwargs) -> None:
+    """A matplotlib figure saved as PNG to ``path`` atomically (``kwargs``: ``savefig``'s, e.g. dpi)."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", **kwargs))

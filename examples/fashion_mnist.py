@@ -23,14 +23,13 @@ takes the same path on subsets (fewer steps, fewer test images).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_savefig, atomic_write
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 MODEL = "resnet18"
@@ -111,10 +110,8 @@ def curves(out: Path, names: dict[str, str], baseline_top1: float | None) -> Non
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_savefig(out / "curves.png", fig, dpi=110)
     plt.close(fig)
-    atomic_write(out / "curves.png", buf.getvalue())
 
 
 def main() -> None:

@@ -7,11 +7,10 @@ crop-shift accuracy (%) against the window move k (pixels, mean of right and dow
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_savefig
 
 __all__ = ["require_matplotlib", "plot_results"]
 
@@ -80,6 +79,4 @@ def plot_results(results: Sequence[dict], path: str | Path, title: str | None = 
         n = results[0].get("images")
         fig.suptitle(title or f"shift robustness on {n} images", fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    atomic_savefig(path, fig)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_torch_save
 from afconvert.converter.info import ConversionInfo
 from afconvert.converter.recipe import load_recipe
 from afconvert.data import data_config, set_data_config
 from afconvert.sources.models import SourceSpec, load_error
 from afconvert.sources.plan import PlanError, apply_plan, module_plan
 
-__all__ = ["save", "load", "atomic_save", "CheckpointError", "FORMAT"]
+__all__ = ["save", "load", "CheckpointError", "FORMAT"]
 
 FORMAT = "afconvert/2"
 FORMATS = ("afconvert/1", FORMAT)
@@ -34,11 +34,6 @@ FORMATS = ("afconvert/1", FORMAT)
 
 class CheckpointError(ValueError):
     """An afconvert checkpoint that cannot be read or does not describe a model."""
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to ``path`` atomically (see ``afconvert.atomic``): never a half-written file."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _versions() -> dict:
@@ -76,7 +71,7 @@ def save(model: nn.Module, path: str | Path) -> None:
             "input_size": list(info.input_size), "in_chans": info.in_chans, "plan": plan,
             "data_config": _plain_config(data_config(model)), "versions": _versions(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    atomic_save(ckpt, path)
+    atomic_torch_save(path, ckpt)
 
 
 def read(path: str | Path) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_torch_save
 from afconvert.data import DataError
 
 __all__ = ["Checkpointer", "CheckpointError", "TRAIN_FORMAT", "restart_count"]
@@ -111,4 +111,4 @@ class Checkpointer:
         if self.rank == 0:
             full = {"format": TRAIN_FORMAT, "world_size": self.world, "launch": self.launch, **state, "rng": rng}
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, lambda fh: torch.save(full, fh))
+            atomic_torch_save(self.path, full)

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_savefig, atomic_torch_save, atomic_write
 from afconvert.data import (
     DataError,
     ImageDataset,
@@ -195,7 +195,7 @@ def _same_teacher(teacher: nn.Module, path: Path, resuming: bool, rank: int, wor
     if rank == 0 and not resuming:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-        atomic_write(path, lambda fh: torch.save(state, fh))
+        atomic_torch_save(path, state)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -256,10 +256,8 @@ def _plot(rows: list[dict], val: list[dict], path: Path, versus: str = "the teac
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    atomic_savefig(path, fig, dpi=100)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
     return True
 
 
