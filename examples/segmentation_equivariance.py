@@ -16,7 +16,6 @@ CPU cores.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import afconvert
-from afconvert.atomic import atomic_write
+from afconvert.atomic import atomic_savefig, atomic_write
+from afconvert.converter.certify import relative_change
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
 TRAIN = ["astronaut", "chelsea", "rocket", "camera", "coins", "moon", "page", "clock", "hubble_deep_field", "colorwheel"]
@@ -123,7 +123,7 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
     out = {"iou": iou(y.argmax(1), target)}
     for name, d in SHIFTS.items():
         moved, expected = model(fractional_shift(x, *d)), fractional_shift(y, *d)
-        out[f"{name}_logit_change"] = float((moved - expected).abs().max() / y.abs().max())
+        out[f"{name}_logit_change"] = relative_change(moved, expected)
         out[f"{name}_mask_pixels_changed"] = float((moved.argmax(1) != expected.argmax(1)).float().mean())
     return out
 
@@ -154,10 +154,8 @@ def picture(models: dict, x: torch.Tensor, image: torch.Tensor, path: Path) -> N
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    atomic_savefig(path, fig, dpi=90)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def main() -> None:

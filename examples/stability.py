@@ -5,8 +5,8 @@
 
 For each model (default initialisation, as a user converts it): max |logit| of the original and of
 the converted model on a standard-normal input (Nyquist bins zeroed), and the converted model's
-float32 shift error, max over integer and fractional shifts of |f(shift x) - f(x)| divided by the
-logits' spread (max - min over the batch and classes). 'non-finite' when a logit is inf or NaN.
+float32 shift error (``certify.shift_error``, the CLI's figure): max over integer and fractional shifts of
+max |f(shift x) - f(x)| / max |f(x)|. 'non-finite' when a logit is inf or NaN.
 """
 import argparse
 import sys
@@ -15,8 +15,7 @@ import time
 import torch
 
 import afconvert
-from afconvert.converter.certify import DEFAULT_SHIFTS, random_input
-from afconvert.layers.spectral import fractional_shift
+from afconvert.converter.certify import DEFAULT_SHIFTS, random_input, shift_error
 from afconvert.sources.models import create_source_model
 from afconvert.sources.zoo import ZOO
 
@@ -33,10 +32,7 @@ def measure(name: str, size: int, recipe: str) -> dict:
     x = random_input(2, 3, (size, size))
     y_src, y = source(x), converted(x)
     finite = bool(torch.isfinite(y).all())
-    shift = float("nan")
-    if finite:
-        spread = float(y.max() - y.min())
-        shift = max(float((converted(fractional_shift(x, *d)) - y).abs().max()) for d in DEFAULT_SHIFTS) / spread
+    shift = shift_error(converted, x, DEFAULT_SHIFTS, y0=y) if finite else float("nan")
     return {"model": name, "original": float(y_src.abs().max()),
             "converted": float(y.abs().max()) if finite else float("inf"), "shift": shift}
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from afconvert.converter.layout import Layout, layout_of
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
-__all__ = ["DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_logit_change", "shift_check", "numerics_check",
+__all__ = ["DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_change", "relative_logit_change", "shift_error", "shift_check", "numerics_check",
            "native_input_size", "size_label", "random_input", "output_leaves", "output_layouts", "expected_shift"]
 
 LOGIT_BOUND = 1e4   # |logit| above this on a standard-normal input: the model is numerically unstable
@@ -83,27 +83,46 @@ def expected_shift(y: torch.Tensor, layout: Layout | None, shift: Sequence[float
 
 
 @torch.no_grad()
+def relative_change(y: torch.Tensor, ref: torch.Tensor, scale: str = "max") -> float:
+    """max |y - ref| / s, the one measure of how far outputs moved: s = max |ref| (``"max"``) or, for a batch
+    of logits (B, K), the mean over the K logits of their standard deviation over the B images (``"spread"``:
+    how much the logits vary between images, blind to an offset common to all images)."""
+    if scale == "max":
+        s = ref.abs().max()
+    elif scale == "spread":
+        s = ref.std(0).mean()
+    else:
+        raise ValueError(f"scale must be 'max' or 'spread', got '{scale}'")
+    return float((y - ref).abs().max() / s.clamp_min(torch.finfo(ref.dtype).tiny))
+
+
+@torch.no_grad()
 def relative_logit_change(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS,
-                          per_output: dict | None = None) -> dict[str, float]:
-    """For each shift: max over the outputs of max |f(shift(x)) - expected| / max |f(x)|, ``expected`` being
-    the output itself (spatially constant outputs) or its own shift (spatial maps, ``expected_shift``). With
-    ``per_output`` (a dict), also each output's value per shift, under its path."""
+                          per_output: dict | None = None, scale: str = "max", y0=None) -> dict[str, float]:
+    """For each shift: max over the outputs of ``relative_change(f(shift(x)), expected, scale)``, ``expected``
+    being the output itself (spatially constant outputs) or its own shift (spatial maps, ``expected_shift``).
+    With ``per_output`` (a dict), also each output's value per shift, under its path. ``y0``: f(x), if known."""
     shifts = list(shifts)
-    y0 = output_leaves(model(x))
+    y0 = output_leaves(model(x) if y0 is None else y0)
     if not y0 or not all(torch.isfinite(v).all() for v in y0.values()):
         return {_label(s): float("nan") for s in shifts}
     layouts = output_layouts(model, x) if any(v.dim() > 2 for v in y0.values()) else {}
-    scale = {k: v.abs().max().clamp_min(torch.finfo(v.dtype).tiny) for k, v in y0.items()}
     result = {}
     for s in shifts:
         y = output_leaves(model(fractional_shift(x, *s)))
-        change = {k: float((y[k] - expected_shift(v, layouts.get(k), s, x.shape[-2:])).abs().max() / scale[k])
+        change = {k: relative_change(y[k], expected_shift(v, layouts.get(k), s, x.shape[-2:]), scale)
                   for k, v in y0.items()}
         result[_label(s)] = max(change.values())
         if per_output is not None:
             for k, v in change.items():
                 per_output.setdefault(k or "output", {})[_label(s)] = v
     return result
+
+
+def shift_error(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS,
+                scale: str = "max", y0=None) -> float:
+    """The largest ``relative_logit_change`` over ``shifts`` (nan if an output is not finite)."""
+    return max(relative_logit_change(model, x, shifts, scale=scale, y0=y0).values())
 
 
 def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chans: int = 3,

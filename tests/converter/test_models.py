@@ -10,9 +10,9 @@ import torch
 from conftest import calibrate_norms_, randomize_
 
 import afconvert
-from afconvert.converter.certify import random_input
+from afconvert.converter.certify import random_input, relative_change, shift_error
 from afconvert.converter.rule import Verdict
-from afconvert.layers.spectral import fractional_shift, resample_method
+from afconvert.layers.spectral import resample_method
 from afconvert.sources.models import create_source_model
 from afconvert.sources.zoo import MORE, ZOO
 
@@ -79,12 +79,10 @@ def float64(pair):
         return x, f64, f64(x)
 
 
-@torch.no_grad()
 def shift_change(model, x, shifts=SHIFTS, y0=None) -> float:
     """max |f(shift x) - f(x)|, in units of how much the logits vary between the batch's images
     (``y0``: f(x), if known)."""
-    y0 = model(x) if y0 is None else y0
-    return max(float((model(fractional_shift(x, *s)) - y0).abs().max() / y0.std(0).mean()) for s in shifts)
+    return shift_error(model, x, shifts, scale="spread", y0=y0)
 
 
 def test_certified_and_invariant(pair, float64):
@@ -99,7 +97,7 @@ def test_certified_and_invariant(pair, float64):
     change = shift_change(f64, x, y0=y64)
     if change >= 1e-10:
         with torch.no_grad(), resample_method("fft"):
-            rounding = float((f64(x) - y64).abs().max() / y64.std(0).mean())
+            rounding = relative_change(f64(x), y64, "spread")
         assert change < 10 * rounding, (change, rounding)
     # the very same check fails before conversion (already on an integer and a half-pixel shift)
     assert shift_change(copy.deepcopy(source).double(), x, SHIFTS[::2][:2]) > 1e-1
@@ -118,7 +116,7 @@ def test_float32_residual_is_rounding_not_aliasing(pair, float64):
     x, _, y64 = float64
     with torch.no_grad():
         y32 = {s: f32(torch.roll(x, s, (2, 3)).float()) for s in [(0, 0), *SHIFTS[:2]]}
-    rounding = max(float((y.double() - y64).abs().max() / y64.std(0).mean()) for y in y32.values())
+    rounding = max(relative_change(y.double(), y64, "spread") for y in y32.values())
     change = shift_change(f32, x.float(), SHIFTS[2:4], y0=y32[(0, 0)])
     if rounding <= 1e-3 or change < 4 * rounding:
         assert change < max(4 * rounding, 1e-5), (change, rounding)

@@ -8,9 +8,9 @@ import torch
 from conftest import calibrate_norms_, randomize_
 
 import afconvert
-from afconvert.converter.certify import random_input
+from afconvert.converter.certify import random_input, shift_error
 from afconvert.converter.rule import Verdict
-from afconvert.layers.spectral import fractional_shift
+
 
 INTEGER = [(1, 0), (-5, 7)]
 FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3)]
@@ -23,11 +23,9 @@ def source(request):
     return request.param, calibrate_norms_(randomize_(model, seed=5)).double().eval()
 
 
-@torch.no_grad()
 def _change(model, x, shifts) -> float:
     """max |f(shift x) - f(x)| over ``shifts``, relative to the logits' spread over the batch."""
-    y0 = model(x)
-    return max(float((model(fractional_shift(x, *s)) - y0).abs().max() / y0.std(0).mean()) for s in shifts)
+    return shift_error(model, x, shifts, scale="spread")
 
 
 @pytest.mark.parametrize("recipe", list(EXPECTED))
