@@ -1,8 +1,8 @@
 """Shift-robustness metrics of an image classifier (Michaeli et al., CVPR 2023; Zhang, ICML 2019).
 
 Every function takes ``model`` (any callable images -> logits, e.g. an ``nn.Module`` in eval mode)
-and one batch: images ``x`` (B, C, H, W) and integer class targets (B,). The ``*_over`` functions
-take an iterable of (x, target) batches and return the percentage over all images.
+and one batch: images ``x`` (B, C, H, W) and integer class targets (B,), and returns per-image results
+(``afconvert.evaluation.runner`` sums them over a dataset).
 
 Conventions shared by all metrics:
 
@@ -32,8 +32,7 @@ from afconvert.layers.spectral import fractional_shift, zero_nyquist
 __all__ = [
     "finite_rows", "predict", "topk_correct", "band_limit", "output_equivariance", "bilinear_shift", "certified_correct",
     "consistency_same", "equivariance_diff", "stage_layers", "crop_windows", "crop_shift_correct",
-    "logit_change", "accuracy_over", "certified_accuracy_over", "consistency_over",
-]
+    "logit_change"]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Shift = Sequence[float]
@@ -282,42 +281,3 @@ def logit_change(model: Model, x: torch.Tensor, shifts: Iterable[Shift], method:
     bad = ~finite_rows(ref)
     res[bad] = float("nan")
     return torch.where(torch.isfinite(res), res, torch.full_like(res, float("nan")))
-
-
-# ---- aggregates over batches (percent of all images) ----
-
-def _percent(hits: int, total: int) -> float:
-    return 100.0 * hits / total if total else float("nan")
-
-
-def accuracy_over(model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int = 1) -> float:
-    """Top-k accuracy (%) over all batches."""
-    hits = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            hits += int(topk_correct(model(x), y, k).sum())
-            total += x.shape[0]
-    return _percent(hits, total)
-
-
-def certified_accuracy_over(model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                            shifts: Iterable[Shift], method: str = "band_limited", chunk: int = 64) -> float:
-    """Certified accuracy (%): images correct on x and on every shift of the grid (see certified_correct)."""
-    shifts = list(shifts)
-    hits = total = 0
-    for x, y in batches:
-        hits += int(certified_correct(model, x, y, shifts, method, chunk).sum())
-        total += x.shape[0]
-    return _percent(hits, total)
-
-
-def consistency_over(model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_shift: float = 32,
-                     fractional: bool = False, seed: int = 0, chunk: int = 64) -> float:
-    """Shift consistency (%): fraction of images whose two fresh random shifts give the same top-1."""
-    g = torch.Generator().manual_seed(seed)
-    hits = total = 0
-    for x, _ in batches:
-        same, _ = consistency_same(model, x, max_shift, fractional, g, chunk)
-        hits += int(same.sum())
-        total += x.shape[0]
-    return _percent(hits, total)
