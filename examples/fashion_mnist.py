@@ -177,8 +177,6 @@ def ablation(out: Path, data: list[str], plan: dict, minutes: dict) -> None:
         change = [a.format(data=data[1]) for a in change]
         argv = ["finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", "afc", *AFC_RECIPE, *change,
                 *plan["ablation"], *data, *COMMON]
-        if "--no-train-bn" in argv:
-            argv = [a for a in argv if a not in ("--train-bn", "--no-train-bn")]
         run(out, f"ablation/{i:02d}", argv, minutes)
         val = list(csv.DictReader(open(out / "runs" / "ablation" / f"{i:02d}" / "val.csv")))
         rows.append({"variant": label, "change": " ".join(change) or "(none)", "top1": float(val[-1]["top1"]),

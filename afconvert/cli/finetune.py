@@ -29,18 +29,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="afc", help="recipe for a student given by name (default afc)")
     p.add_argument("--calibration", metavar="DIR", help="fit the activations of a student given by name on these "
                                                          "images first (per-channel least squares)")
-    p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--task-loss-weight", type=float, default=0.0, help="cross-entropy on the folder labels")
-    p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before distillation: each "
-                                                              "block fitted to its source block, in network order")
-    p.add_argument("--reconstruct-steps", type=int, default=100, help="Adam steps per block")
-    p.add_argument("--reconstruct-batches", type=int, default=4, help="batches of training crops to fit blocks on")
-    p.add_argument("--reconstruct-lr", type=float, default=1e-3)
-    p.add_argument("--blend", type=float, default=0.0, metavar="F", help="progressive replacement: each replaced "
-                   "layer as lambda * source + (1 - lambda) * alias-free, lambda annealed from 1 to 0 over the first "
-                   "fraction F of the steps (0: off); not alias-free until it ends")
-    p.add_argument("--blend-order", default="all", choices=("all", "progressive"),
-                   help="all layers at once, or front to back (default all)")
     add_training_arguments(p)
     return p
 
@@ -89,11 +77,7 @@ def _main(argv: Sequence[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     student, teacher = _models(args)
-    cfg = training_config(args, kd_temperature=args.kd_temperature, task_loss_weight=args.task_loss_weight,
-                          reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps,
-                          reconstruct_batches=args.reconstruct_batches, reconstruct_lr=args.reconstruct_lr,
-                          blend=args.blend, blend_order=args.blend_order)
-    return report(finetune(student, teacher, cfg, log=log), rank)
+    return report(finetune(student, teacher, training_config(args), log=log), rank)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -3,7 +3,7 @@
 The paper's path: the network is built with random weights (or ``--weights``), converted with ``--recipe``
 (``none``: the unconverted baseline) and trained by cross-entropy on the data's labels, in the very loop of
 ``afconvert finetune`` (the same arguments, checkpoints, ``--resume``, torchrun, CSV and curves), without a
-teacher. The random initial weights follow ``--seed``. BatchNorm statistics train (``--freeze-bn`` keeps
+teacher. The random initial weights follow ``--seed``. BatchNorm statistics train (``--no-train-bn`` keeps
 them). ``final.pt`` loads with ``afconvert.load`` and carries its data config.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="afc", help="recipe the model is converted with first (default afc; none: "
                                                    "unconverted)")
     p.add_argument("--weights", metavar="FILE", help="initial weights (default: random)")
-    add_training_arguments(p, lr=1e-3, train_bn=True)
+    add_training_arguments(p, distill=False, lr=1e-3, train_bn=True)
     return p
 
 

@@ -65,6 +65,7 @@ from afconvert.data import (
 )
 from afconvert.train.blend import BLEND_ORDERS, blend, blended, set_blend, unblend
 from afconvert.train.checkpointer import TRAIN_FORMAT, Checkpointer, restart_count, set_rng_state
+from afconvert.train.config import FinetuneConfig
 from afconvert.train.distill import agreement, kd_loss
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "setup", "train_one_step", "validate",
@@ -83,50 +84,6 @@ def register_step_hook(hook: Callable[[int], None]) -> RemovableHandle:
     handle = RemovableHandle(_step_hooks)
     _step_hooks[handle.id] = hook
     return handle
-
-
-@dataclass
-class FinetuneConfig:
-    data: str
-    output: str
-    split: str = "train"                # the split of an IDX --data folder
-    epochs: int = 10
-    steps: int | None = None            # total optimizer steps (overrides epochs)
-    batch_size: int = 16                # per process
-    input_size: tuple[int, int] | None = None  # default: the student's data config
-    scale: tuple[float, float] = (0.08, 1.0)    # random-resized-crop area range
-    opt: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    sched: str = "cosine"
-    warmup_epochs: int = 0
-    kd_temperature: float = 1.0
-    task_loss_weight: float = 0.0
-    clip_grad: float | None = None
-    grad_accum_steps: int = 1           # batches per optimizer update
-    amp: bool = False                   # autocast (FFT / polynomial / LayerNorm layers stay float32)
-    amp_dtype: str = "float16"          # or bfloat16
-    mixup: float = 0.0                  # timm Mixup alpha (0: off)
-    cutmix: float = 0.0                 # timm CutMix alpha (0: off)
-    reconstruct: bool = False           # block-wise reconstruction before distillation
-    reconstruct_steps: int = 100        # Adam steps per block
-    reconstruct_batches: int = 4        # batches of training crops it fits on
-    reconstruct_lr: float = 1e-3
-    blend: float = 0.0                  # fraction of the updates over which replaced layers anneal (0: off)
-    blend_order: str = "all"            # "all" at once, or "progressive" (front to back)
-    val_data: str | None = None         # held-out images: top-1 after each epoch
-    val_split: str = "test"             # the split of an IDX --val-data folder
-    val_limit: int | None = None        # the first N held-out images only
-    model_ema: bool = False
-    model_ema_decay: float = 0.999
-    train_bn: bool = False
-    auto_augment: str | None = "rand-m9-mstd0.5"
-    checkpoint_every: int = 50
-    seed: int = 0
-    workers: int = 0
-    device: str = "auto"
-    resume: bool = False
-    progress: bool = True
 
 
 class _SeededImages(torch.utils.data.Dataset):
@@ -353,7 +310,7 @@ def setup(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, lo
     dcfg = data_config(student)
     size = tuple(cfg.input_size or dcfg["input_size"][1:])
     chans = dcfg["input_size"][0]
-    transform = create_transform(input_size=(chans, *size), is_training=True, auto_augment=cfg.auto_augment,
+    transform = create_transform(input_size=(chans, *size), is_training=True, auto_augment=cfg.auto_augment or None,
                                  scale=tuple(cfg.scale),
                                  mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg["interpolation"])
     images = _SeededImages(ImageDataset(samples, transform, image_mode(dcfg)), cfg.seed)
