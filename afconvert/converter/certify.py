@@ -8,7 +8,8 @@ for an input shift (dy, dx), band-limited and circular (stride r = H / H_out: a 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ import torch.nn as nn
 from afconvert.converter.layout import Layout, layout_of
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
-__all__ = ["DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_change", "relative_logit_change", "shift_error", "shift_check", "numerics_check",
+__all__ = ["evaluating", "DEFAULT_SHIFTS", "LOGIT_BOUND", "relative_change", "relative_logit_change", "shift_error", "shift_check", "numerics_check",
            "native_input_size", "size_label", "random_input", "output_leaves", "output_layouts", "expected_shift"]
 
 LOGIT_BOUND = 1e4   # |logit| above this on a standard-normal input: the model is numerically unstable
@@ -125,6 +126,24 @@ def shift_error(model: nn.Module, x: torch.Tensor, shifts: Iterable[Sequence[flo
     return max(relative_logit_change(model, x, shifts, scale=scale, y0=y0).values())
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[torch.device]:
+    """``model`` in eval mode (and in ``dtype``, if given) inside the block, its mode and dtype restored after;
+    yields the device of its parameters (cpu for a model without any)."""
+    was_training = model.training
+    p = next(model.parameters(), None)
+    own_dtype = p.dtype if p is not None else None
+    try:
+        model.eval()
+        if dtype is not None:
+            model.to(dtype)
+        yield p.device if p is not None else torch.device("cpu")
+    finally:
+        if own_dtype is not None:
+            model.to(own_dtype)
+        model.train(was_training)
+
+
 def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chans: int = 3,
                 shifts: Iterable[Sequence[float]] = DEFAULT_SHIFTS, dtype=torch.float32, batch: int = 2,
                 seed: int = 0) -> dict:
@@ -134,18 +153,11 @@ def shift_check(models: dict[str, nn.Module], input_size: Sequence[int], in_chan
            "shifts": [list(map(float, s)) for s in shifts], "models": {}}
     for label, model in models.items():
         per_output: dict = {}
-        was_training = model.training
-        model.eval()
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-        own_dtype = p.dtype if p is not None else dtype
-        x = random_input(batch, in_chans, input_size, dtype, seed, device)
-        try:
-            out["models"][label] = relative_logit_change(model.to(dtype), x, shifts, per_output)
-            if len(per_output) > 1:
-                out.setdefault("outputs", {})[label] = per_output
-        finally:
-            model.to(own_dtype).train(was_training)
+        with evaluating(model, dtype) as device:
+            x = random_input(batch, in_chans, input_size, dtype, seed, device)
+            out["models"][label] = relative_logit_change(model, x, shifts, per_output)
+        if len(per_output) > 1:
+            out.setdefault("outputs", {})[label] = per_output
     return out
 
 
@@ -170,14 +182,8 @@ def numerics_check(model: nn.Module, sizes: Iterable[Sequence[int]], in_chans: i
     alias-free or not, such a model is not usable. A size the model cannot run at (a head that
     flattens a fixed-size map) is recorded as None and not judged. Returns {"dtype", "bound",
     "max_abs_logit": {"HxW": float (inf for non-finite) or None}, "unstable_at": ["HxW", ...], "stable"}."""
-    was_training = model.training
-    model.eval()
-    p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    own_dtype = p.dtype if p is not None else dtype
     out: dict = {"dtype": str(dtype).replace("torch.", ""), "bound": bound, "max_abs_logit": {}}
-    try:
-        model.to(dtype)
+    with evaluating(model, dtype) as device:
         for size in dict.fromkeys(tuple(int(v) for v in s) for s in sizes):
             try:
                 y = model(random_input(batch, in_chans, size, dtype, seed, device))
@@ -188,8 +194,6 @@ def numerics_check(model: nn.Module, sizes: Iterable[Sequence[int]], in_chans: i
             finite = all(torch.isfinite(v).all() for v in leaves)
             out["max_abs_logit"][size_label(size)] = max(float(v.abs().max()) for v in leaves) if finite and leaves \
                 else float("inf")
-    finally:
-        model.to(own_dtype).train(was_training)
     out["unstable_at"] = [k for k, v in out["max_abs_logit"].items() if v is not None and not v <= bound]
     out["stable"] = not out["unstable_at"]
     return out

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from afconvert.converter.certify import (
+    evaluating,
     native_input_size,
     numerics_check,
     shift_check,
@@ -218,12 +219,8 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
     in_chans = _in_chans(model, in_chans)
     index = _RuleIndex(all_rules(rules))
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         sites, notes, outputs = _analyse(model, input_size, in_chans, leaf_modules, index)
-    finally:
-        model.train(was_training)
     info = getattr(model, "afconvert_info", None)
     judging = Recipe(name="", summary="", families=families(rules))  # every family's default options
     findings = _findings(sites, index, judging)
