@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
@@ -97,3 +98,90 @@ def kill_after(step: int, hard: bool = True):
                 os._exit(17)
             raise Killed(step)
     return hook
+
+
+# -- layers (tests/layers/): random band-limited maps, and how far a layer is from commuting with a shift ----------
+
+LAYER_SHIFTS = [(1, 0), (0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75)]
+LAYER_SIZES = [(8, 8), (12, 10), (9, 7)]
+UPSAMPLING_SHIFTS = [(1, 0), (0.5, 0.5), (1 / 3, -2 / 3), (2.25, 1.5)]   # transposed convs and IdealResize
+
+
+def band_limited_map(shape, seed=0, dtype=torch.float64):
+    """Random values of ``shape`` (drawn in float64, then cast to ``dtype``) with the Nyquist bins zeroed."""
+    from afconvert.layers.spectral import zero_nyquist
+    g = torch.Generator().manual_seed(seed)
+    return zero_nyquist(torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+@torch.no_grad()
+def equivariance_error(layer, x, dy, dx, out_scale=1.0, dims=(-2, -1)):
+    """The relative change between ``layer`` of the shifted ``x`` and its output shifted by ``out_scale`` times
+    the shift (``out_scale``: the output's rate over the input's)."""
+    from afconvert.converter.certify import relative_change
+    from afconvert.layers.spectral import fractional_shift
+    lhs = layer(fractional_shift(x, dy, dx, dims))
+    rhs = fractional_shift(layer(x), dy * out_scale, dx * out_scale, dims)
+    return relative_change(lhs, rhs)
+
+
+# -- whole models (tests/converter/test_convert.py, tests/rules/): the shifts their logits are checked under -------
+
+INTEGER = [(1, 0), (0, 1), (3, -2), (5, 7)]
+FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75)]
+
+
+# -- evaluation (tests/evaluation/, tests/cli/test_eval.py, tests/rules/test_peer_recipes.py): photos, models ------
+
+def photo(name):
+    """One of scikit-image's sample photos (the test is skipped without it), as an RGB image."""
+    skimage_data = pytest.importorskip("skimage.data")      # the demo extra
+    from PIL import Image
+    a = getattr(skimage_data, name)()
+    return Image.fromarray(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
+
+
+def image_folder(root: Path, labels: dict[str, int]) -> Path:
+    """An ImageFolder: root/<class index>/<photo>.png."""
+    for name, label in labels.items():
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        photo(name).save(root / str(label) / f"{name}.png")
+    return root
+
+
+class Constant(torch.nn.Module):
+    """Always predicts class ``c`` (of ``n``)."""
+
+    def __init__(self, c, n=5):
+        super().__init__()
+        self.c, self.n, self.num_classes = c, n, n
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.n, dtype=x.dtype) + self.w
+        out[:, self.c] = 1
+        return out
+
+
+# -- fine-tuning (tests/train/test_finetune.py, tests/cli/test_finetune.py) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def finetune_data(tmp_path_factory):
+    """An ImageFolder of 3 classes, 4 random 48 x 40 RGB images each."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("ft") / "data"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+# -- export (tests/test_export.py, tests/cli/test_export.py) ------------------------------------------------------
+
+@pytest.fixture
+def onnx_tools():
+    """Skips the test where the ONNX export and runtime packages are not installed."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)

@@ -1,18 +1,10 @@
-"""Export: ONNX (afconvert.export, `afconvert export`: the file runs in onnxruntime and gives the PyTorch
-logits, at any batch size) and torch.compile (one whole graph, the same logits)."""
+"""Export (afconvert.export): ONNX (the file runs in onnxruntime and gives the PyTorch logits, at any batch size)
+and torch.compile (one whole graph, the same logits)."""
 import pytest
 import torch
 
 import afconvert
-from afconvert.cli import main
 from afconvert.export import export_onnx, onnx_max_rel_error
-from afconvert.sources.models import create_source_model
-
-
-@pytest.fixture
-def onnx_tools():
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        pytest.importorskip(name)
 
 SIZE = (32, 40)
 
@@ -44,20 +36,6 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, one_thread, onnx_tools):
     import onnx
     ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
     assert "MatMul" in ops and not ops & {"DFT", "STFT"}, ops
-
-
-def test_cli_exports_a_checkpoint_atomically(tmp_path, capsys, one_thread, onnx_tools):
-    ckpt, out = tmp_path / "m.pt", tmp_path / "m.onnx"
-    source, _ = create_source_model("test_efficientnet", pretrained=False, num_classes=10)
-    afconvert.save(afconvert.convert(source, input_size=SIZE, check_numerics=False), ckpt)
-    assert main(["export", str(ckpt), "--onnx", str(out), "--input-size", *map(str, SIZE), "--batch-size", "3"]) == 0
-    text = capsys.readouterr().out
-    assert out.is_file() and "onnxruntime matches PyTorch to" in text and f"(3, 3, {SIZE[0]}, {SIZE[1]})" in text
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    # bad output path: refused before any work, one line
-    assert main(["export", str(ckpt), "--onnx", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a directory" in err
 
 
 def test_torch_compile_captures_one_graph_and_matches(one_thread):

@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import FRACTIONAL, INTEGER, randomize_
 
 import afconvert
 from afconvert import NotAliasFreeError, UntraceableModelError
@@ -14,8 +14,6 @@ from afconvert.converter.certify import random_input, relative_change, relative_
 from afconvert.converter.rule import Verdict
 from afconvert.converter.tracing import trace
 
-INTEGER = [(1, 0), (0, 1), (3, -2), (5, 7)]
-FRACTIONAL = [(0.5, 0.5), (1 / 3, 2 / 3), (2.25, 0.75)]
 SIZES = [(64, 64), (96, 96), (64, 96)]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -236,85 +234,6 @@ def test_training_mode_is_kept_and_gradients_flow(source):
     assert model.training
     model(random_input(2, 3, (64, 64))).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-
-
-class Fusion(nn.Module):
-    """HRNet-style fusion: a low-resolution branch up-sampled (nearest) and added to the high one."""
-
-    def __init__(self):
-        super().__init__()
-        self.high = nn.Conv2d(3, 4, 3, padding=1)
-        self.low = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.act = nn.GELU()
-        self.head = nn.Linear(4, 5)
-
-    def forward(self, x):
-        return self.head(self.act(self.high(x) + self.up(self.low(x))).mean((2, 3)))
-
-
-def test_nearest_upsampling_becomes_ideal():
-    source = randomize_(Fusion()).double().eval()
-    model = afconvert.convert(source, input_size=(16, 16))
-    assert ("Upsample", "IdealUpsample") in {(f.op, f.replaced_by) for f in model.afconvert_report.replaced}
-    assert model.afconvert_report.verdict is Verdict.EXACT
-    x = random_input(2, 3, (16, 24), torch.float64)
-    assert max(relative_logit_change(model, x, FRACTIONAL).values()) < 1e-10
-    assert max(relative_logit_change(source, x, FRACTIONAL).values()) > 1e-3
-
-
-def test_calibration_fits_each_channel_to_its_measured_inputs():
-    source = randomize_(timm.create_model("resnet18", num_classes=5)).eval()
-    images = random_input(8, 3, (64, 64), seed=7)
-    model = afconvert.convert(source, calibration=images)
-    coef = model.act1.coef  # the stem activation: one polynomial per channel, no two alike
-    assert coef.shape[0] == 64 and torch.unique(coef[:, 2]).numel() == 64
-    generic = afconvert.convert(source).act1.coef
-    assert torch.unique(generic[:, 2]).numel() == 1
-    assert any("fitted per channel by least squares on 8 calibration images" in n for n in model.afconvert_report.notes)
-    assert model.afconvert_report.stable  # fitted at 64 px: still bounded at the native 224 px
-
-
-def test_max_pool_options_exact_and_approximate():
-    source = randomize_(timm.create_model("resnet18", num_classes=5)).double().eval()
-    exact = afconvert.convert(source)
-    approx = afconvert.convert(source, options={"pool": {"max": "max"}})
-    assert exact.afconvert_report.verdict is Verdict.EXACT
-    assert approx.afconvert_report.verdict is Verdict.APPROX
-    assert [f.node for f in approx.afconvert_report.offenders] == ["maxpool"]
-    x = random_input(2, 3, (64, 64), torch.float64)
-    assert max(relative_logit_change(exact, x, FRACTIONAL).values()) < 1e-10
-    assert max(relative_logit_change(approx, x, FRACTIONAL).values()) > 1e-10  # measurably not exact
-
-
-class FunctionalNet(nn.Module):
-    """A user model with functional activations (no module to swap)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x):
-        x = F.leaky_relu(self.conv1(x), 0.1)
-        x = self.conv2(x).tanh() + torch.sigmoid(x)
-        return self.fc(x.mean((2, 3)))
-
-
-def test_functional_activations_are_rewritten():
-    source = randomize_(FunctionalNet()).double().eval()
-    model = afconvert.convert(source, input_size=(16, 16))
-    report = model.afconvert_report
-    assert report.verdict is Verdict.EXACT, report.verdict_text
-    assert {(f.op, f.replaced_by) for f in report.replaced} >= {
-        ("leaky_relu", "AliasFreePolyActivation"), ("tanh", "AliasFreePolyActivation"),
-        ("sigmoid", "AliasFreePolyActivation")}
-    assert isinstance(model, torch.fx.GraphModule) and any("GraphModule" in n for n in report.notes)
-    assert set(source.state_dict()) <= set(model.state_dict())
-    x = random_input(2, 3, (16, 24), torch.float64)
-    assert max(relative_logit_change(model, x, FRACTIONAL + INTEGER).values()) < 1e-10
-    assert max(relative_logit_change(source, x, FRACTIONAL + INTEGER).values()) > 1e-3
 
 
 class FunctionalPools(nn.Module):

@@ -179,6 +179,22 @@ def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
     assert torch.equal(zero_nyquist(x, method="matmul"), ideal_lowpass(x, 1.0, method="matmul"))
 
 
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(3, 20), w=st.integers(3, 20), cutoff=st.sampled_from([1.0, 0.5, 0.75]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_lowpass_matmul_gradient_equals_fft(h, w, cutoff, dtype):
+    g = torch.Generator().manual_seed(h + 100 * w)
+    x = torch.randn(1, 2, h, w, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(1, 2, h, w, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for method in ("fft", "matmul"):
+        xi = x.clone().requires_grad_(True)
+        (ideal_lowpass(xi, cutoff, method=method) * weight).sum().backward()
+        grads.append(xi.grad)
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    assert float((grads[0] - grads[1]).abs().max()) <= tol * float(weight.abs().max())
+
+
 def test_method_choice_auto_and_forced():
     """auto: float32 and float64 maps up to MATMUL_MAX_SIZE take the matmul form, larger ones the FFT form,
     bit for bit; resample_method forces one form inside its block only; an unknown name is refused."""

@@ -1,11 +1,11 @@
-"""The peers' methods as recipes, built only through the strategy registry, judged and measured honestly:
-afc exact; APS exactly invariant to integer circular shifts only; BlurPool approximate; circular padding
-alone not alias-free. The unconverted model fails every check."""
+"""The peers' methods as recipes (rules/aps.toml, blurpool.toml, circular.toml), built only through the strategy
+registry, judged and measured honestly: afc exact; APS exactly invariant to integer circular shifts only; BlurPool
+approximate; circular padding alone not alias-free. The unconverted model fails every check."""
 
 import pytest
 import timm
 import torch
-from conftest import calibrate_norms_, randomize_
+from conftest import calibrate_norms_, image_folder, randomize_
 
 import afconvert
 from afconvert.converter.certify import random_input, shift_error
@@ -56,12 +56,10 @@ def test_methods_side_by_side_in_eval(tmp_path):
     """The same images through afc, aps, blurpool and circular: certified accuracies over the integer grid
     equal the plain accuracy for afc and aps (labels: each model's own prediction), and over the
     fractional grid for afc."""
-    from evaluation.test_runner import _folder
-
     from afconvert.evaluation import runner as E
     from afconvert.evaluation.shift_grids import parse_grid_spec
 
-    data = _folder(tmp_path / "d", {"chelsea": 0, "coffee": 1, "astronaut": 2})
+    data = image_folder(tmp_path / "d", {"chelsea": 0, "coffee": 1, "astronaut": 2})
     paths = sorted(p for p in data.rglob("*.png"))
     source = calibrate_norms_(randomize_(timm.create_model("resnet18", num_classes=10), seed=2)).eval()
     grids = parse_grid_spec("integer:0..2 half:0..1 fractional:3")
