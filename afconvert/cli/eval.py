@@ -64,9 +64,9 @@ def _main(argv: Sequence[str]) -> int:
     from afconvert.evaluation.report import format_table, to_json
     from afconvert.evaluation.runner import (
         EvalError,
-        _device,
-        _num_classes,
-        _subset,
+        eval_device,
+        num_classes_of,
+        spread_indices,
         evaluate_model,
         parse_metrics,
         resolve_model,
@@ -83,17 +83,17 @@ def _main(argv: Sequence[str]) -> int:
         from afconvert.evaluation.plots import require_matplotlib
         require_matplotlib()
         metrics |= {"curve", "crop"}
-    device = _device(args.device)
+    device = eval_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     folders, images = list_images(args.data, split=args.split)
     if args.class_map is not None:
         read_class_map(args.class_map)      # fail early, before loading models
-    keep = _subset(len(images), args.limit)
+    keep = spread_indices(len(images), args.limit)
     log = lambda msg: print(msg, file=sys.stderr)
     results = []
     for arg in args.models:
         cand = resolve_model(arg, args.weights, not args.no_pretrained, args.num_classes)
-        mapping, how = class_indices(folders, args.class_map, _num_classes(cand.model))
+        mapping, how = class_indices(folders, args.class_map, num_classes_of(cand.model))
         samples = [(images[i][0], mapping[images[i][1]]) for i in keep]
         log(f"{arg}: {cand.source}")
         log(f"  data: {len(samples)} images in {len(folders)} class folders of {args.data} (class: {how})")

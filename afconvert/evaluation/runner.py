@@ -27,7 +27,8 @@ from afconvert.evaluation import METRICS
 from afconvert.evaluation import metrics as M
 from afconvert.evaluation.shift_grids import GridSpec
 
-__all__ = ["EvalError", "EvalImages", "Candidate", "resolve_model", "evaluate_model", "parse_metrics", "METRICS"]
+__all__ = ["EvalError", "EvalImages", "Candidate", "resolve_model", "evaluate_model", "parse_metrics", "METRICS",
+           "spread_indices", "num_classes_of", "eval_device"]
 
 
 class EvalError(DataError):
@@ -54,7 +55,7 @@ def parse_metrics(spec: str | Sequence[str] | None) -> set[str]:
     return out
 
 
-def _subset(n: int, limit: int | None) -> list[int]:
+def spread_indices(n: int, limit: int | None) -> list[int]:
     """``limit`` indices spread evenly over range(n) (all when limit is None or >= n)."""
     if limit is None or limit >= n:
         return list(range(n))
@@ -138,7 +139,8 @@ def resolve_model(arg: str, weights: str | None = None, pretrained: bool = True,
     return Candidate(arg, r.model, r.description)
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def num_classes_of(model: nn.Module) -> int | None:
+    """The model's number of classes: its ``num_classes``, else its last Linear's outputs (None if neither)."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
@@ -205,7 +207,8 @@ class _Sums:
         return [float(s / c) if c else None for s, c in zip(self.vec[key], self.cnt[key])]
 
 
-def _device(name: str) -> torch.device:
+def eval_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N or auto (cuda when available), with a one-line error for the others."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

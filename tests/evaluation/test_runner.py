@@ -81,4 +81,4 @@ def test_unreadable_images_are_skipped_counted_and_reported(tmp_path):
 
 
 def test_limit_spreads_over_the_data():
-    assert E._subset(10, 3) == [0, 3, 6] and E._subset(4, 10) == [0, 1, 2, 3]
+    assert E.spread_indices(10, 3) == [0, 3, 6] and E.spread_indices(4, 10) == [0, 1, 2, 3]
