@@ -16,10 +16,9 @@ def _flag(f: dataclasses.Field) -> str:
 def _argument(f: dataclasses.Field, default) -> dict:
     """argparse keywords of one ``FinetuneConfig`` field: its type from the annotation, ``default`` shown."""
     meta, hint = f.metadata, str(f.type)
-    kw = {"dest": f.name, "default": default}
-    if f.default is dataclasses.MISSING:
-        kw = {"dest": f.name, "required": True}
-    elif hint == "bool":
+    required = f.default is dataclasses.MISSING
+    kw = {"dest": f.name, **({"required": True} if required else {"default": default})}
+    if hint == "bool":
         kw["action"] = argparse.BooleanOptionalAction
     elif hint.startswith("tuple["):
         kw.update(nargs=2, type=float if "float" in hint else int)
@@ -28,7 +27,7 @@ def _argument(f: dataclasses.Field, default) -> dict:
     for key in ("metavar", "choices"):
         if key in meta:
             kw[key] = meta[key]
-    if default is None or "required" in kw:
+    if default is None or required:
         shown = ""
     elif hint == "bool":
         shown = f"default {'on' if default else 'off'}"

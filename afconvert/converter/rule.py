@@ -29,7 +29,7 @@ import torch.nn as nn
 from afconvert.converter.layout import Layout
 from afconvert.layers.sampling import ShiftGuarantee
 
-__all__ = ["Verdict", "Judgement", "Analysis", "Site", "Rule", "Options", "KEEP", "DEFAULT"]
+__all__ = ["Verdict", "Judgement", "judge_sampler", "Analysis", "Site", "Rule", "Options", "KEEP", "DEFAULT"]
 
 KEEP = "keep"          # the strategy every family has: leave the op as it is
 DEFAULT = "default"    # the rule's first strategy

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from afconvert.layers.conv import SampledConv2d, circular_pad
 from afconvert.layers.pool import SampledPool2d
 
-__all__ = ["ShiftGuarantee", "binomial_filter", "blur_downsample", "polyphase_downsample", "subsample", "BlurConv2d", "BlurPool2d",
-           "PolyphaseConv2d", "PolyphasePool2d", "SubsampledConv2d", "SubsampledPool2d"]
+__all__ = ["ShiftGuarantee", "binomial_filter", "blur_downsample", "polyphase_downsample", "subsample", "BlurConv2d",
+           "BlurPool2d", "PolyphaseConv2d", "PolyphasePool2d", "SubsampledConv2d", "SubsampledPool2d"]
 
 
 class ShiftGuarantee(enum.Enum):

@@ -18,9 +18,9 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["Blend", "blend", "unblend", "blended", "set_blend", "blend_weights", "BLEND_ORDERS"]
+from afconvert.train.config import BLEND_ORDERS
 
-BLEND_ORDERS = ("all", "progressive")
+__all__ = ["Blend", "blend", "unblend", "blended", "set_blend", "blend_weights", "BLEND_ORDERS"]
 
 
 class Blend(nn.Module):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FinetuneConfig"]
+__all__ = ["FinetuneConfig", "BLEND_ORDERS"]
+
+BLEND_ORDERS = ("all", "progressive")   # every replaced layer at once, or front to back
 
 
 def _f(default, help: str = "", **meta):
@@ -58,7 +60,7 @@ class FinetuneConfig:
     blend: float = _f(0.0, "progressive replacement: each replaced layer as lambda * source + (1 - lambda) * "
                       "alias-free, lambda annealed from 1 to 0 over the first fraction F of the steps (0: off); not "
                       "alias-free until it ends", metavar="F", distill=True)
-    blend_order: str = _f("all", "all layers at once, or front to back", choices=("all", "progressive"),
+    blend_order: str = _f("all", "all layers at once, or front to back", choices=BLEND_ORDERS,
                           distill=True)
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints", metavar="STEPS")
     seed: int = _f(0)
