@@ -112,7 +112,9 @@ def _judge_activation(site: Site, options: Options) -> Judgement:
     if isinstance(act, HighRatePolyActivation):
         return _judge_high_rate(site, act)
     if isinstance(act, AliasFreePolyActivation):
-        return Judgement(Verdict.EXACT, f"degree-{act.degree} polynomial at {act.up}x rate, ideal low-pass back")
+        down = act._modules.get("post_down")
+        then = f", then ideal down-sampling by {down.down} (a strided conv's, deferred)" if down is not None else ""
+        return Judgement(Verdict.EXACT, f"degree-{act.degree} polynomial at {act.up}x rate, ideal low-pass back{then}")
     if isinstance(act, LowpassPolyActivation):
         return Judgement(Verdict.APPROX, "low-pass polynomial at the input rate: exact only before a coarse down-sampling")
     if isinstance(act, PolyActivation):

@@ -7,12 +7,20 @@ up-sampling, then a circular convolution, ``AliasFreeConvTranspose2d``).
 * A stride-s convolution samples below Nyquist: frequencies above N/(2s) fold back (alias).
   Alias-free form: stride-1 circular convolution with the same weights, then ideal
   down-sampling (keep |k| < n/2 of the output size n, then resample):  y = D_s(w (*) x).
+* ``defer``: D_s right after the conv keeps only the low 1/s of each axis' band: for the layer that
+  reads the image, the network never sees the image's fine detail. Pointwise layers commute with
+  sampling, so the sampling may move past the BatchNorm and activation that follow the conv (the
+  paper's stem does this: conv at stride 1, activation, then down-sampling): the polynomial reads
+  the full band and folds its products into the kept one. Exact for the source function (its
+  sampling, moved), alias-free for the converted one; costs the activation at s^2 its rate.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Conv2dSame
 
 from afconvert.converter import rule
@@ -25,7 +33,7 @@ from afconvert.layers.conv import (
     centered_pad,
     tf_same_pad,
 )
-from afconvert.layers.poly import LowpassPolyActivation, ResidualActivation
+from afconvert.layers.poly import AliasFreePolyActivation, LowpassPolyActivation, ResidualActivation
 from afconvert.layers.sampling import BlurConv2d, PolyphaseConv2d, SubsampledConv2d
 
 FAMILY = "conv"
@@ -56,6 +64,9 @@ class Options(rule.Options):
     input_filter: bool = True       # the layer reading the image drops its Nyquist bins
     blur_size: int = 3              # "blur": width of the binomial filter
     stem_activation: StemActivation | None = None
+    defer: str = field(default="none", metadata={"choices": ("none", "input", "all")})  # down-sample after the
+                                    # BatchNorm + activation that follow a strided conv ("input": only the layer
+                                    # that reads the image; "all": every one)
 
 
 def _judge_conv(site: Site, options: Options) -> Judgement:
@@ -68,6 +79,9 @@ def _judge_conv(site: Site, options: Options) -> Judgement:
         if pre is not None and not _stem_activation_is_exact(pre, conv.down):
             return Judgement(Verdict.APPROX, "full-rate activation before down-sampling leaves aliases in band")
         extra = "; input Nyquist bins removed" if conv.input_filter else ""
+        if conv.down == (1, 1):
+            return Judgement(Verdict.EXACT, f"stride-1 circular conv, its down-sampling deferred past the "
+                                            f"activation after it{extra}")
         return Judgement(Verdict.EXACT, f"circular conv + ideal down-sampling by {conv.down}{extra}")
     if isinstance(conv, CircularConv2d):
         return Judgement(Verdict.EXACT, "stride-1 circular convolution")
@@ -161,6 +175,49 @@ def _ideal_transposed(site: Site, options: Options):
     return AliasFreeConvTranspose2d.from_conv(m) if AliasFreeConvTranspose2d.matches(m) else None
 
 
+# layers that act on each pixel alone (BatchNorm at eval: a per-channel affine map), which sampling commutes with
+_POINTWISE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d, F.batch_norm)
+
+
+def _activation_after(site: Site, by_node: dict[fx.Node, Site], swaps: dict) -> AliasFreePolyActivation | None:
+    """The alias-free activation that ``site``'s output reaches through pointwise layers only, each the one user
+    of the one before and none replaced, or None."""
+    node = site.node
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        nxt = by_node.get(user)
+        if nxt is None or user.args[:1] != (node,):
+            return None
+        new = swaps.get(nxt.name)
+        if new:
+            act = new[0]
+            fits = len(new) == 1 and type(act) is AliasFreePolyActivation and nxt.calls == 1 and \
+                act.channel_dim == 1 and act.spatial_dims == (2, 3) and "post_down" not in act._modules
+            return act if fits else None
+        if not isinstance(nxt.module, _POINTWISE) and user.target is not F.batch_norm:
+            return None
+        node = user
+    return None
+
+
+def defer_downsampling(sites: list[Site], swaps: dict[str, list[nn.Module]]) -> None:
+    """Per the options' ``defer``: move each (or the input layer's) ``AliasFreeConv2d``'s down-sampling into the
+    activation its output reaches through pointwise layers (``IdealDownsample2d`` as the activation's
+    ``post_down``). Rewrites the planned replacements in place."""
+    by_node = {s.node: s for s in sites}
+    for site in sites:
+        defer = getattr(site.options, "defer", "none")
+        new = swaps.get(site.name)
+        if defer == "none" or (defer == "input" and not site.reads_input) or not new or len(new) != 1:
+            continue
+        conv = new[0]
+        if type(conv) is not AliasFreeConv2d or conv.down == (1, 1) or "pre_down" in conv._modules or site.calls != 1:
+            continue
+        act = _activation_after(site, by_node, swaps)
+        if act is not None:
+            act.post_down = conv.deferred()
+
+
 RULES = [
     Rule(name="conv2d", family=FAMILY, targets=(nn.Conv2d, Conv2dSame, CircularConv2d, AliasFreeConv2d, BlurConv2d,
                                                 PolyphaseConv2d, SubsampledConv2d),
@@ -169,3 +226,6 @@ RULES = [
     Rule(name="conv_transpose2d", family=FAMILY, targets=(nn.ConvTranspose2d, AliasFreeConvTranspose2d),
          judge=_judge_transposed, strategies={"ideal": _ideal_transposed}),
 ]
+
+# graph passes the engine runs over the planned swaps (see afconvert.converter.rule)
+PASSES = (defer_downsampling,)

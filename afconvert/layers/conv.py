@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
 __all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d", "AliasFreeConvTranspose2d",
-           "conv_output_size"]
+           "IdealDownsample2d", "conv_output_size", "strided_output_size"]
 
 
 def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
@@ -55,6 +55,15 @@ def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """The output length of a zero-padded strided convolution (``nn.Conv2d``'s formula)."""
     return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def strided_output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                        dilation: Sequence[int], same_size: bool = False) -> tuple[int, int]:
+    """A strided conv's output (H', W'): ``conv_output_size`` per dim, or ceil(N / s) for 'same' padding."""
+    if same_size:
+        return (-(-h // stride[0]), -(-w // stride[1]))
+    return tuple(max(1, conv_output_size(n, k, s, p, d)) for n, k, s, p, d in zip((h, w), kernel, stride, padding,
+                                                                                  dilation))
 
 
 class CircularConv2d(nn.Conv2d):
@@ -126,11 +135,8 @@ class SampledConv2d(CircularConv2d):
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The source layer's output size: nn.Conv2d's formula, or ceil(N / s) for 'same' padding."""
-        k, d, p, s = self.kernel_size, self.dilation, self.source_padding, self.down
-        if self.same_size:
-            return (-(-h // s[0]), -(-w // s[1]))
-        return (max(1, conv_output_size(h, k[0], s[0], p[0], d[0])),
-                max(1, conv_output_size(w, k[1], s[1], p[1], d[1])))
+        return strided_output_size(h, w, self.kernel_size, self.down, self.source_padding, self.dilation,
+                                   self.same_size)
 
     def downsample(self, y: torch.Tensor, size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
         """y (the stride-1 output) at the output ``size``; ``x`` is the layer's input (same H, W)."""
@@ -183,7 +189,19 @@ class AliasFreeConv2d(SampledConv2d):
         after = conv + _resample_macs(self.out_channels, (h, w), size)
         return lowpass + conv // (self.down[0] * self.down[1]) < after
 
+    def deferred(self) -> "IdealDownsample2d":
+        """Hand this layer's down-sampling to a layer of its own, to run after the pointwise layers that follow
+        (BatchNorm, the activation): this layer becomes a stride-1 circular conv (input filter kept); returns
+        the ``IdealDownsample2d`` that samples to the same output size."""
+        if "pre_down" in self._modules:
+            raise ValueError("a layer with a full-rate pre_down keeps its down-sampling")
+        down = IdealDownsample2d(self.down, self.kernel_size, self.source_padding, self.dilation, self.same_size)
+        self.down, self.same_size = (1, 1), True
+        return down
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.down == (1, 1):     # its down-sampling deferred (``deferred``)
+            return self._circular_conv(zero_nyquist(x) if self.input_filter else x)
         h, w = x.shape[-2:]
         size = self.output_size(h, w)
         pointwise = self.kernel_size == (1, 1) and "pre_down" not in self._modules
@@ -195,6 +213,32 @@ class AliasFreeConv2d(SampledConv2d):
                 x = circular_pad(ideal_resample(x, (h, w)), self.pad)
             return F.conv2d(x, self.weight, self.bias, 1 if pointwise else self.down, 0, self.dilation, self.groups)
         return super().forward(x)
+
+
+class IdealDownsample2d(nn.Module):
+    """A strided conv's ideal down-sampling as a layer of its own: y = D_s(x) at the conv's output size
+    (``strided_output_size`` of x's H, W). (N, C, H, W) -> (N, C, H', W').
+
+    Pointwise layers (BatchNorm, an activation) commute with sampling, so moving a strided layer's sampling
+    after them keeps the source network's function; moved after an alias-free activation, the activation
+    reads the conv's full band and folds what it finds there into the kept band, where the down-sampling at
+    the conv would have discarded it. Holds no parameters (it adds no state_dict keys)."""
+
+    def __init__(self, stride: Sequence[int], kernel_size: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+                 dilation: Sequence[int] = (1, 1), same_size: bool = False):
+        super().__init__()
+        self.down, self.kernel_size = tuple(stride), tuple(kernel_size)
+        self.source_padding, self.dilation, self.same_size = tuple(padding), tuple(dilation), bool(same_size)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        return strided_output_size(h, w, self.kernel_size, self.down, self.source_padding, self.dilation,
+                                   self.same_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ideal_downsample(x, self.down, size=self.output_size(*x.shape[-2:]))
+
+    def extra_repr(self) -> str:
+        return f"ideal_down={self.down}"
 
 
 def _symmetric_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:

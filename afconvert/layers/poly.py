@@ -272,6 +272,9 @@ class AliasFreePolyActivation(PolyActivation):
     """PolyActivation evaluated alias-free: y = D(f(U_u x)), U_u ideal up-sampling by
     u = ceil((degree+1)/2) and D the ideal low-pass and return to the input size.
 
+    ``post_down`` (optional, NCHW): a strided conv's ``IdealDownsample2d``, applied to y (the conv's
+    down-sampling moved after this layer, so the polynomial sees the conv's full band).
+
     With ``normalize``, y = s D(f(U_u x / s)) with the scale ``scale``: ``"inband"``, s = (mean B(x)^2)^(1/4)
     with B(x) = D((U x)^2) the band-limited square (``afconvert.layers.quadratic``), or ``"l4"``, the L4 norm
     of U_u x (the form of layers saved before ``scale`` existed: the class default). Degree 2 runs in the
@@ -301,11 +304,14 @@ class AliasFreePolyActivation(PolyActivation):
         if self.degree == 2 and (dims is None or inband):
             y = band_limited_quadratic(x, self.effective_coef(x.dtype), self.spatial_dims, self.channel_dim, dims,
                                        self.eps)
-            return as_dtype(y, dtype)
-        s = inband_scale(x, self.spatial_dims, dims, self.eps) if inband else None
-        size = [x.shape[d] for d in self.spatial_dims]
-        y = self.polynomial(ideal_upsample(x, self.up, self.spatial_dims), s)
-        return as_dtype(ideal_resample(y, size, self.spatial_dims), dtype)
+        else:
+            s = inband_scale(x, self.spatial_dims, dims, self.eps) if inband else None
+            size = [x.shape[d] for d in self.spatial_dims]
+            y = ideal_resample(self.polynomial(ideal_upsample(x, self.up, self.spatial_dims), s), size,
+                               self.spatial_dims)
+        if "post_down" in self._modules:    # a strided conv's down-sampling, moved after this layer
+            y = self.post_down(y)
+        return as_dtype(y, dtype)
 
     def extra_repr(self) -> str:
         dims = f", spatial_dims={self.spatial_dims}" if self.normalize == "none" else f", scale={self.scale}"

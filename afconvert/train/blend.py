@@ -17,7 +17,11 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from afconvert.layers.conv import AliasFreeConv2d
+from afconvert.layers.poly import AliasFreePolyActivation
+from afconvert.layers.sampling import subsample
 from afconvert.train.config import BLEND_ORDERS
 
 __all__ = ["Blend", "blend", "unblend", "blended", "set_blend", "blend_weights", "BLEND_ORDERS"]
@@ -40,6 +44,44 @@ class Blend(nn.Module):
         return lam * self.source(*args, **kwargs) + (1 - lam) * self.aliasfree(*args, **kwargs)
 
 
+class _FullRateConv(nn.Module):
+    """A strided source conv at stride 1, with its own padding on the left (``pad`` = (left, right, top, bottom)):
+    its samples at multiples of the stride are the strided conv's. The source branch of a conv whose down-sampling
+    the converter deferred (``defer``)."""
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]):
+        super().__init__()
+        self.conv, self.pad = conv, tuple(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.conv2d(F.pad(x, self.pad, mode=mode), conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
+
+
+class _SampledAfter(nn.Module):
+    """The source activation, then the source's sampling (every s-th sample) that the converter moved after it."""
+
+    def __init__(self, act: nn.Module, down: nn.Module):
+        super().__init__()
+        self.act, self.down = act, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(x)
+        return subsample(y, self.down.down, self.down.output_size(*y.shape[-2:]))
+
+
+def _source_in_place(source: nn.Module, aliasfree: nn.Module) -> nn.Module:
+    """The source layer as it runs in the alias-free layer's place: where the converter deferred a strided conv's
+    down-sampling past the activation (``defer``), the conv runs at stride 1 and the activation samples after
+    itself, so the blend at lambda = 1 is still exactly the source network."""
+    if isinstance(aliasfree, AliasFreeConv2d) and aliasfree.down == (1, 1) and tuple(source.stride) != (1, 1):
+        return _FullRateConv(source, aliasfree.pad)
+    if isinstance(aliasfree, AliasFreePolyActivation) and "post_down" in aliasfree._modules:
+        return _SampledAfter(source, aliasfree.post_down)
+    return source
+
+
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
@@ -57,7 +99,8 @@ def blend(student: nn.Module, source: nn.Module) -> list[str]:
         if other is not None and type(other) is not type(module) and not isinstance(module, Blend):
             paths.append(path)
     for path in paths:
-        _set(student, path, Blend(theirs[path], student.get_submodule(path)))
+        new = student.get_submodule(path)
+        _set(student, path, Blend(_source_in_place(theirs[path], new), new))
     return paths
 
 

@@ -45,6 +45,12 @@ def test_a_toml_file_error_names_the_file(tmp_path):
         load_recipe(str(path))
 
 
+def test_afc_fullband_is_afc_with_the_stem_down_sampling_deferred():
+    afc, fullband = load_recipe("afc").to_dict(), load_recipe("afc-fullband").to_dict()
+    assert (afc["conv"].pop("defer"), fullband["conv"].pop("defer")) == ("none", "input")
+    assert afc == fullband
+
+
 def test_shipped_recipes_load_and_every_option_is_read():
     """Every option a family declares is read by its rules (or a graph pass): no documented key is inert."""
     assert {"afc", "afc-paper"} <= set(list_recipes())

@@ -143,6 +143,20 @@ def test_alias_free_conv_keeps_source_output_size_on_odd_inputs():
         assert af(x).shape == conv(x).shape
 
 
+@pytest.mark.parametrize("spec", CONVS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("input_filter", [False, True])
+def test_a_deferred_conv_and_its_downsampling_are_the_conv(spec, size, input_filter):
+    """``deferred()``: the conv at stride 1, then its ``IdealDownsample2d``, is the layer it was (any size)."""
+    cin, layer = _pair(spec, input_filter)
+    x = band_limited_map((2, cin, *size))
+    want = layer(x)
+    down = layer.deferred()
+    full = layer(x)
+    assert full.shape[-2:] == x.shape[-2:] and layer.down == (1, 1)
+    assert relative_change(down(full), want) < 1e-12
+
+
 @pytest.mark.parametrize("k,d,bias", [(7, 1, True), (3, 2, False), (5, 1, True)])
 def test_depthwise_taps_equal_grouped_conv(k, d, bias):
     """The float64 CPU path of depthwise circular convolutions (a sum over taps) is F.conv2d's map,

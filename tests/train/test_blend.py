@@ -11,9 +11,10 @@ from afconvert.train.blend import Blend, blend, blend_weights, blended, set_blen
 from afconvert.train.finetune import FinetuneConfig, finetune, register_step_hook
 
 
-def _pair(name="resnet18"):
+def _pair(name="resnet18", defer="none"):
     torch.manual_seed(0)
-    built = afconvert.build(name, pretrained=False, num_classes=10, input_size=(32, 32))
+    built = afconvert.build(name, pretrained=False, num_classes=10, input_size=(32, 32),
+                            options={"conv": {"defer": defer}})
     return built.converted.eval(), built.source.eval()
 
 
@@ -31,8 +32,9 @@ def test_schedules_start_at_one_end_at_zero_and_never_rise(order):
         blend_weights(0.5, 3, "random")
 
 
-def test_lambda_one_is_the_source_and_zero_the_converted_network():
-    student, source = _pair()
+@pytest.mark.parametrize("defer", ["none", "all"])   # deferred: the source conv at stride 1, sampled after its ReLU
+def test_lambda_one_is_the_source_and_zero_the_converted_network(defer):
+    student, source = _pair(defer=defer)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want_converted, want_source = student(x), source(x)
