@@ -176,15 +176,21 @@ def _ideal_transposed(site: Site, options: Options):
 
 
 # layers that act on each pixel alone (BatchNorm at eval: a per-channel affine map), which sampling commutes with
-_POINTWISE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d, F.batch_norm)
+_POINTWISE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def _reads_rank(node: fx.Node) -> bool:
+    """``x.ndim`` / ``x.dim()`` (timm's norm layers assert it): unchanged when the sampling moves."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",)) or \
+        (node.op == "call_method" and node.target == "dim")
 
 
 def _activation_after(site: Site, by_node: dict[fx.Node, Site], swaps: dict) -> AliasFreePolyActivation | None:
     """The alias-free activation that ``site``'s output reaches through pointwise layers only, each the one user
-    of the one before and none replaced, or None."""
+    of the one before (reading its rank aside) and none replaced, or None."""
     node = site.node
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while len(users := [u for u in node.users if not _reads_rank(u)]) == 1:
+        user = users[0]
         nxt = by_node.get(user)
         if nxt is None or user.args[:1] != (node,):
             return None

@@ -43,6 +43,22 @@ def test_deferred_models_stay_exactly_alias_free(defer, expected, size):
     assert max(relative_logit_change(source, x, SHIFTS).values()) > 1e-3     # the check can fail
 
 
+@pytest.mark.parametrize("name, expected", [("mobilenetv3_small_050", ["bn1.act.post_down"]),
+                                            ("regnetx_002", ["stem.bn.act.post_down"])])
+def test_norm_act_layers_take_the_deferred_sampling(name, expected):
+    """timm's BatchNormAct2d (traced: a rank check, F.batch_norm, drop, act) passes the sampling to its act; the blend
+    at lambda = 1 is still the source network."""
+    from afconvert.train.blend import blend
+    source = randomize_(timm.create_model(name, num_classes=5)).double().eval()
+    model = afconvert.convert(source, "afc-fullband", input_size=(32, 32)).eval()
+    assert _deferred(model) == expected and model.afconvert_report.verdict is Verdict.EXACT
+    x = random_input(2, 3, (32, 40), torch.float64)
+    assert max(relative_logit_change(model, x, SHIFTS).values()) < 1e-9
+    with torch.no_grad():
+        blend(model, source)
+        assert relative_change(model(x), source(x)) < 1e-12
+
+
 def test_the_deferred_activation_reads_the_full_band():
     """Without deferral the first stride-2 conv keeps |k| < N/4 of the image: the logits cannot see the rest.
     Deferred, the activation folds the rest into the kept band: perturbing only |k| >= N/4 moves the logits."""
