@@ -175,7 +175,8 @@ def _ideal_transposed(site: Site, options: Options):
     return AliasFreeConvTranspose2d.from_conv(m) if AliasFreeConvTranspose2d.matches(m) else None
 
 
-# layers that act on each pixel alone (BatchNorm at eval: a per-channel affine map), which sampling commutes with
+# layers that act on each pixel alone (BatchNorm at eval: a per-channel affine map), which sampling commutes with;
+# matched by exact type (timm's BatchNormAct2d subclasses BatchNorm2d and holds an activation)
 _POINTWISE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
@@ -200,7 +201,7 @@ def _activation_after(site: Site, by_node: dict[fx.Node, Site], swaps: dict) -> 
             fits = len(new) == 1 and type(act) is AliasFreePolyActivation and nxt.calls == 1 and \
                 act.channel_dim == 1 and act.spatial_dims == (2, 3) and "post_down" not in act._modules
             return act if fits else None
-        if not isinstance(nxt.module, _POINTWISE) and user.target is not F.batch_norm:
+        if type(nxt.module) not in _POINTWISE and user.target is not F.batch_norm:
             return None
         node = user
     return None
