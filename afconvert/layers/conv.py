@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
-__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d", "AliasFreeConvTranspose2d",
-           "IdealDownsample2d", "conv_output_size", "strided_output_size"]
+__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
+           "AliasFreeConvTranspose2d", "IdealDownsample2d", "conv_output_size", "strided_output_size"]
 
 
 def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
