@@ -10,6 +10,9 @@
     [overrides."head.*".activation]
     replace = "keep"             # ... or set one family's options there
 
+A recipe may start from another: ``base = "afc"`` (a shipped name or a .toml path) is afc with the file's
+tables merged on top, option by option; its name and summary are its own.
+
 Every family declares its options once, as a frozen dataclass whose defaults are the only defaults;
 a recipe that names an unknown family, option, strategy or choice is refused with the close valid
 names. Later overrides win over earlier ones.
@@ -216,6 +219,43 @@ def _overrides(table: dict, fams: dict[str, Family], where: str) -> list[Overrid
     return out
 
 
+def _merged(base: dict, top: dict) -> dict:
+    """``top`` on ``base``: tables merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_toml(recipe: "str | Path", seen: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """(data, path) of a shipped recipe by name or a .toml path, with its ``base`` recipe's data under it:
+    ``base = "afc"`` (a shipped name, or a path relative to the file) makes the file afc with its own tables
+    merged on top. ``name`` and ``summary`` are the file's own."""
+    files = _recipe_files()
+    path = Path(recipe) if str(recipe).endswith(".toml") else files.get(str(recipe))
+    if path is None or not path.is_file():
+        raise RecipeError(f"unknown recipe '{recipe}': {_close(str(recipe), files)} (or pass a path to a .toml "
+                          f"recipe)")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {path}: not valid TOML ({exc})") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data, str(path)
+    if not isinstance(base, str):
+        raise RecipeError(f"recipe {path}: base = {base!r} must be a recipe name or a .toml path")
+    key = str(path.resolve())
+    if key in seen:
+        raise RecipeError(f"recipe {path}: base recipes form a cycle; fix: remove one 'base ='")
+    if base.endswith(".toml") and not Path(base).is_absolute():
+        base = str(path.parent / base)
+    below, _ = _read_toml(base, (*seen, key))
+    below = {k: v for k, v in below.items() if k not in ("name", "summary")}
+    return _merged(below, data), str(path)
+
+
 def _check_strategy(fam: Family, name: str, where: str) -> None:
     if name not in fam.strategies:
         raise RecipeError(f"recipe {where}: replace = {name!r} is no strategy of family '{fam.name}': "
@@ -233,17 +273,7 @@ def load_recipe(recipe: "str | Path | Recipe | dict", options: dict | None = Non
     elif isinstance(recipe, dict):
         data, source = dict(recipe), "(data)"
     else:
-        files = _recipe_files()
-        path = Path(recipe) if str(recipe).endswith(".toml") else files.get(str(recipe))
-        if path is None or not path.is_file():
-            raise RecipeError(f"unknown recipe '{recipe}': {_close(str(recipe), files)} (or pass a path to a .toml "
-                              f"recipe)")
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"recipe {path}: not valid TOML ({exc})") from None
-        source = str(path)
+        data, source = _read_toml(recipe)
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     name, summary = data.pop("name", Path(source).stem), data.pop("summary", "")
     table = dict(data.pop("overrides", {}))

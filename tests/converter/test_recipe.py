@@ -51,6 +51,33 @@ def test_afc_fullband_is_afc_with_the_stem_down_sampling_deferred():
     assert afc == fullband
 
 
+def test_a_recipe_starts_from_its_base_and_merges_its_own_tables_on_top(tmp_path):
+    (tmp_path / "mid.toml").write_text('base = "afc"\nname = "mid"\n[activation]\ndegree = 3\n'
+                                       '[overrides."stem.*".activation]\nreplace = "keep"\n')
+    (tmp_path / "top.toml").write_text('base = "mid.toml"\nname = "top"\nsummary = "mine"\n[conv]\ndefer = "all"\n'
+                                       '[overrides."stem.*".activation]\ndegree = 4\n')
+    top, afc = load_recipe(str(tmp_path / "top.toml")), load_recipe("afc")
+    got, want = top.to_dict(), afc.to_dict()
+    assert (top.name, top.summary) == ("top", "mine")
+    assert got["activation"].pop("degree") == 3 and got["conv"].pop("defer") == "all"
+    assert got.pop("overrides") == {"stem.*": {"activation": {"replace": "keep", "degree": 4}}}
+    del want["activation"]["degree"], want["conv"]["defer"]
+    assert got == want
+
+
+@pytest.mark.parametrize("text,message", [
+    ('base = "afcc"', r"unknown recipe 'afcc': did you mean afc"),
+    ('base = 3', r"base = 3 must be a recipe name or a .toml path"),
+    ('base = "loop.toml"', r"loop.toml: base recipes form a cycle"),
+])
+def test_a_bad_base_is_refused_in_one_line(tmp_path, text, message):
+    path = tmp_path / "loop.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(str(path))
+    assert "\n" not in str(err.value)
+
+
 def test_shipped_recipes_load_and_every_option_is_read():
     """Every option a family declares is read by its rules (or a graph pass): no documented key is inert."""
     assert {"afc", "afc-paper"} <= set(list_recipes())
