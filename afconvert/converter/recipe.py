@@ -228,9 +228,7 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def _read_toml(recipe: "str | Path", seen: tuple[str, ...] = ()) -> tuple[dict, str]:
-    """(data, path) of a shipped recipe by name or a .toml path, with its ``base`` recipe's data under it:
-    ``base = "afc"`` (a shipped name, or a path relative to the file) makes the file afc with its own tables
-    merged on top. ``name`` and ``summary`` are the file's own."""
+    """(data, path) of a shipped recipe by name or a .toml path, its ``base`` merged under it."""
     files = _recipe_files()
     path = Path(recipe) if str(recipe).endswith(".toml") else files.get(str(recipe))
     if path is None or not path.is_file():
@@ -241,19 +239,27 @@ def _read_toml(recipe: "str | Path", seen: tuple[str, ...] = ()) -> tuple[dict, 
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"recipe {path}: not valid TOML ({exc})") from None
-    base = data.pop("base", None)
-    if base is None:
-        return data, str(path)
-    if not isinstance(base, str):
-        raise RecipeError(f"recipe {path}: base = {base!r} must be a recipe name or a .toml path")
     key = str(path.resolve())
     if key in seen:
         raise RecipeError(f"recipe {path}: base recipes form a cycle; fix: remove one 'base ='")
-    if base.endswith(".toml") and not Path(base).is_absolute():
+    return _with_base(data, path, (*seen, key)), str(path)
+
+
+def _with_base(data: dict, path: Path | None, seen: tuple[str, ...] = ()) -> dict:
+    """``data`` merged on the recipe its ``base`` names (a shipped name, or a .toml path, relative to ``path``
+    when there is one); ``name`` and ``summary`` stay ``data``'s own."""
+    data = dict(data)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"recipe {path or data.get('name', '(data)')}: base = {base!r} must be a recipe name or a "
+                          f".toml path")
+    if path is not None and base.endswith(".toml") and not Path(base).is_absolute():
         base = str(path.parent / base)
-    below, _ = _read_toml(base, (*seen, key))
+    below, _ = _read_toml(base, seen)
     below = {k: v for k, v in below.items() if k not in ("name", "summary")}
-    return _merged(below, data), str(path)
+    return _merged(below, data)
 
 
 def _check_strategy(fam: Family, name: str, where: str) -> None:
@@ -271,7 +277,7 @@ def load_recipe(recipe: "str | Path | Recipe | dict", options: dict | None = Non
     if isinstance(recipe, Recipe):
         data, source = {"name": recipe.name, "summary": recipe.summary, **recipe.to_dict()}, recipe.source
     elif isinstance(recipe, dict):
-        data, source = dict(recipe), "(data)"
+        data, source = _with_base(recipe, None), "(data)"
     else:
         data, source = _read_toml(recipe)
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}

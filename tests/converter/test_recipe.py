@@ -63,6 +63,8 @@ def test_a_recipe_starts_from_its_base_and_merges_its_own_tables_on_top(tmp_path
     assert got.pop("overrides") == {"stem.*": {"activation": {"replace": "keep", "degree": 4}}}
     del want["activation"]["degree"], want["conv"]["defer"]
     assert got == want
+    assert load_recipe({"base": "afc", "name": "mine", "conv": {"defer": "input"}}).to_dict() == \
+        load_recipe("afc-fullband").to_dict()
 
 
 @pytest.mark.parametrize("text,message", [
