@@ -4,7 +4,7 @@
 
 Data: the Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``: 60,000 training
 and 10,000 test images, 28 x 28 gray, read in place from its IDX files). Model: timm ``resnet18``,
-``--in-chans 1 --num-classes 10`` at SIZE x SIZE. Stages (each an ``afconvert`` command, printed as it runs):
+``--in-chans 1 --num-classes 10`` at 28 x 28 (``SIZE``). Stages (each an ``afconvert`` command, printed as it runs):
 
 1. ``train --recipe none``: the baseline, saved as ``DIR/baseline.pt``;
 2. ``finetune --recipe afc-fullband|aps|blurpool|circular``: the baseline converted by each recipe and fine-tuned
@@ -112,7 +112,8 @@ def curves(out: Path, names: dict[str, str], baseline_top1: float | None) -> Non
     if baseline_top1 is not None:
         ax.axhline(baseline_top1, color="k", ls="--", lw=1, label="baseline (not alias-free)")
         ax.axhline(baseline_top1 - 1, color="gray", ls=":", lw=1, label="baseline - 1 point")
-    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"Fashion-MNIST: alias-free ResNet-18 ({AFC}), {SIZE} x {SIZE}")
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)",
+           title=f"Fashion-MNIST: alias-free ResNet-18 ({AFC}), {SIZE} x {SIZE}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
