@@ -132,6 +132,7 @@ class BandLimitedQuadratic(torch.autograd.Function):
     Backward, with g = dL/dy and n the size of a scale group:
       dL/ds = sum_group g (a0 - a2 B / s^2);   dL/dB = g a2 / s + dL/ds B / (2 n s^3)
       dL/dx = a1 P g + R_M^T (2 (R_M x) * R_N^T dL/dB)      (R_M: N -> M grid, R_N: M -> N)
+    dL/ds and the coefficients' gradients from per-map sums of g and g B (dL/dB is then one pass over g and B);
     computed in the normalised quantities (x / r, Bn, t = s / r) so that nothing overflows."""
 
     @staticmethod
@@ -148,22 +149,22 @@ class BandLimitedQuadratic(torch.autograd.Function):
         spatial_dims, channel_dim, scale_dims, method = ctx.config
         a0, a1, a2 = [channel_view(coef[:, k], x.ndim, channel_dim) for k in range(3)]
         n, m = _grid(x, spatial_dims)
-        if scale_dims is None:
-            r, xn, h = None, x, g * a2                      # h = dL/dB
-        else:
-            r, t = rt
-            count = math.prod([x.shape[d] for d in scale_dims])
-            dlds = (g * (a0 - a2 * b / t.square())).sum(scale_dims, keepdim=True)
-            h = g * (a2 / t) + b * (dlds / (2 * count * t ** 3))   # r dL/dB
-            xn = x / r
+        r, t = rt if rt else (None, None)
+        if scale_dims is not None or ctx.needs_input_grad[1]:   # per-map sums of g and g B: the rest is small
+            sg, sgb = g.sum(spatial_dims, keepdim=True), (g * b).sum(spatial_dims, keepdim=True)
         gx = gcoef = None
         if ctx.needs_input_grad[0]:
-            z = ideal_resample(xn, m, spatial_dims, method)
-            w = resample_adjoint(h, m, spatial_dims, method).mul_(z).mul_(2)
+            # h = 2 r dL/dB as per-map coefficients of g and B (dL/ds = sum g (a0 - a2 B / s^2) from the sums)
+            if r is None:
+                xn, h = x, g * (2 * a2)
+            else:
+                count = math.prod([x.shape[d] for d in scale_dims])
+                dlds = (a0 * sg - (a2 / t.square()) * sgb).sum(scale_dims, keepdim=True)
+                xn, h = x / r, torch.mul(g, 2 * a2 / t).addcmul_(b, dlds / (count * t ** 3))
+            w = resample_adjoint(h, m, spatial_dims, method).mul_(ideal_resample(xn, m, spatial_dims, method))
             gx = resample_adjoint(w, n, spatial_dims, method).addcmul_(a1, drop_nyquist(g, spatial_dims))
         if ctx.needs_input_grad[1]:
-            quad = b if r is None else b * (r / t)          # B / s
-            const = g if r is None else g * (r * t)         # g s
-            terms = (const, g * drop_nyquist(x, spatial_dims), g * quad)
+            const, quad = (sg, sgb) if r is None else (sg * (r * t), sgb * (r / t))     # sums of g s and g B / s
+            terms = (const, g * drop_nyquist(x, spatial_dims), quad)
             gcoef = torch.stack([_sum_to_channels(v, channel_dim, coef.shape[0]) for v in terms], 1)
         return gx, gcoef, None, None, None, None, None
