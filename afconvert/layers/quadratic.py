@@ -153,6 +153,7 @@ class BandLimitedQuadratic(torch.autograd.Function):
         if scale_dims is not None or ctx.needs_input_grad[1]:   # per-map sums of g and g B: the rest is small
             sg, sgb = g.sum(spatial_dims, keepdim=True), (g * b).sum(spatial_dims, keepdim=True)
         gx = gcoef = None
+        pg = drop_nyquist(g, spatial_dims)                  # P g (P = P^T: also sum g P x = sum x P g)
         if ctx.needs_input_grad[0]:
             # h = 2 r dL/dB as per-map coefficients of g and B (dL/ds = sum g (a0 - a2 B / s^2) from the sums)
             if r is None:
@@ -162,9 +163,9 @@ class BandLimitedQuadratic(torch.autograd.Function):
                 dlds = (a0 * sg - (a2 / t.square()) * sgb).sum(scale_dims, keepdim=True)
                 xn, h = x / r, torch.mul(g, 2 * a2 / t).addcmul_(b, dlds / (count * t ** 3))
             w = resample_adjoint(h, m, spatial_dims, method).mul_(ideal_resample(xn, m, spatial_dims, method))
-            gx = resample_adjoint(w, n, spatial_dims, method).addcmul_(a1, drop_nyquist(g, spatial_dims))
+            gx = resample_adjoint(w, n, spatial_dims, method).addcmul_(a1, pg)
         if ctx.needs_input_grad[1]:
             const, quad = (sg, sgb) if r is None else (sg * (r * t), sgb * (r / t))     # sums of g s and g B / s
-            terms = (const, g * drop_nyquist(x, spatial_dims), quad)
+            terms = (const, pg * x, quad)
             gcoef = torch.stack([_sum_to_channels(v, channel_dim, coef.shape[0]) for v in terms], 1)
         return gx, gcoef, None, None, None, None, None
