@@ -46,6 +46,22 @@ def test_each_method_is_judged_and_measured(source, recipe):
         assert not any(f.replaced_by and "PolyActivation" in f.replaced_by for f in report.findings)
 
 
+@pytest.mark.parametrize("size,invariant", [(64, True), (56, False)])   # 56 px: the last strided stages read 7 x 7
+def test_aps_is_judged_at_its_input_size(size, invariant):
+    """Adaptive polyphase sampling is integer-shift invariant only where the stride divides every sampled map:
+    a ResNet-18 at 56 px samples a 7 x 7 map, and the report says so instead of claiming integer invariance."""
+    model = calibrate_norms_(randomize_(timm.create_model("resnet18", num_classes=10), seed=5)).double().eval()
+    converted = afconvert.convert(model, recipe="aps", input_size=(size, size), check_numerics=False).double().eval()
+    report = converted.afconvert_report
+    odd = [f for f in report.findings if "7 x 7 map: the stride does not divide the size" in f.reason]
+    x = random_input(2, 3, (size, size), torch.float64)
+    change = _change(converted, x, [(8, 0), (-4, 12)])
+    if invariant:
+        assert report.verdict is Verdict.INTEGER and not odd and change < 1e-10
+    else:
+        assert report.verdict is Verdict.NOT and odd and change > 1e-3
+
+
 def test_unconverted_model_fails_every_check(source):
     _, model = source
     x = random_input(4, 3, (64, 64), torch.float64)
