@@ -71,7 +71,7 @@ class Options(rule.Options):
 
 def _judge_conv(site: Site, options: Options) -> Judgement:
     conv: nn.Conv2d = site.module
-    peer = rule.judge_sampler(conv, getattr(conv, "down", (1, 1)), rule.input_size(site))
+    peer = rule.judge_sampler(conv, getattr(conv, "down", (1, 1)), site.x)
     if peer is not None:
         return peer
     if isinstance(conv, AliasFreeConv2d):

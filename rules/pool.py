@@ -66,7 +66,7 @@ def _judge_pool(site: Site, options: Options) -> Judgement:
     pool = _pool_of(site)
     if pool is None:
         return Judgement(Verdict.NOT, "pooling with computed arguments or indices: not converted")
-    peer = rule.judge_sampler(pool, pool.stride, rule.input_size(site))
+    peer = rule.judge_sampler(pool, pool.stride, site.x)
     if peer is not None:
         return peer
     if isinstance(pool, AliasFreePool2d):

@@ -41,6 +41,12 @@ class Layout:
         return None
 
     @property
+    def spatial_size(self) -> tuple[int, int] | None:
+        """(H, W) when both exist as separate dims, else None."""
+        dims = self.spatial_dims
+        return None if dims is None else (self.shape[dims[0]], self.shape[dims[1]])
+
+    @property
     def mixed(self) -> bool:
         """A dim mixes H and W (a flattened map), or only one of them is present."""
         return self.is_spatial and self.spatial_dims is None

@@ -68,27 +68,20 @@ _GUARANTEED = {ShiftGuarantee.INTEGER: Verdict.INTEGER, ShiftGuarantee.REDUCED: 
                ShiftGuarantee.NONE: Verdict.NOT}
 
 
-def judge_sampler(layer: nn.Module, stride, size: tuple[int, int] | None = None) -> Judgement | None:
+def judge_sampler(layer: nn.Module, stride, x: Layout | None = None) -> Judgement | None:
     """The verdict of a layer that down-samples by ``stride`` with a peer's sampler (one that declares its
-    ``guarantee``, ``afconvert.layers.sampling``) a map of ``size`` (when known); None for any other layer.
-    Adaptive polyphase sampling is invariant to integer shifts only where the stride divides the size: elsewhere
-    a shift does not permute its phases."""
+    ``guarantee``, ``afconvert.layers.sampling``) the map ``x`` (its layout, when known); None for any other
+    layer. Adaptive polyphase sampling is invariant to integer shifts only where the stride divides the map's
+    size: elsewhere a shift does not permute its phases."""
     guarantee = getattr(type(layer), "guarantee", None)
     if not isinstance(guarantee, ShiftGuarantee):
         return None
-    stride = tuple(stride)
+    stride, size = tuple(stride), x.spatial_size if x is not None else None
     if guarantee is ShiftGuarantee.INTEGER and size is not None and any(n % s for n, s in zip(size, stride)):
         return Judgement(Verdict.NOT, f"adaptive polyphase sampling by {stride} of a {size[0]} x {size[1]} map: the "
                                       f"stride does not divide the size, so a shift does not permute the phases "
                                       f"(not invariant even to integer shifts at this input size)")
     return Judgement(_GUARANTEED[guarantee], guarantee.value.format(s=stride))
-
-
-def input_size(site: "Site") -> tuple[int, int] | None:
-    """(H, W) of the site's first input when it is a spatial map of known shape, else None."""
-    layout = site.inputs[0] if site.inputs else None
-    dims = layout.spatial_dims if layout is not None else None
-    return None if dims is None else (layout.shape[dims[0]], layout.shape[dims[1]])
 
 
 class Analysis:
