@@ -121,8 +121,9 @@ class Report:
                         "fractional circular shifts; see the outputs table)")
             return "certified: exactly alias-free (logits invariant to integer and fractional circular shifts)"
         bad = [o for o in self.outputs if o.kind == "flattened"]
+        worst = sorted(self.offenders, key=lambda f: -f.verdict.rank)     # those that decide the verdict first
         first = ", ".join([f"output {o.name} ({o.reason})" for o in bad[:3]]
-                          + [f"{f.node} ({f.op}: {f.reason})" for f in self.offenders[:max(0, 3 - len(bad))]])
+                          + [f"{f.node} ({f.op}: {f.reason})" for f in worst[:max(0, 3 - len(bad))]])
         n = len(self.offenders) + len(bad)
         more = f" and {n - 3} more" if n > 3 else ""
         label = {Verdict.INTEGER: "exactly invariant to integer circular shifts only (not fractional ones)",

@@ -60,6 +60,7 @@ def test_aps_is_judged_at_its_input_size(size, invariant):
         assert report.verdict is Verdict.INTEGER and not odd and change < 1e-10
     else:
         assert report.verdict is Verdict.NOT and odd and change > 1e-3
+        assert report.verdict_text.startswith(f"NOT alias-free: {odd[0].node} ")    # the deciding layer named first
 
 
 def test_unconverted_model_fails_every_check(source):
