@@ -56,7 +56,9 @@ class Options(rule.Options):
     train_scale: bool = False
     normalize: str = field(default="channel", metadata={"choices": NORMALIZE})  # scale-equivariant: s q(x / s)
     scale: str = field(default="inband", metadata={"choices": SCALES})  # s: "inband" (energy of the band-limited
-                                            # square, no 2x map: the fast form) or "l4" (L4 norm on the 2x grid)
+                                            # square, no 2x map: the fast form), "outband" (its energy in the band
+                                            # the layer outputs: a deferred down-sampling fused in) or "l4" (L4
+                                            # norm on the 2x grid)
     fuse_linear: bool = False               # fc1 -> act -> fc2: up-sample before fc1, down-sample after fc2
 
     def __post_init__(self):

@@ -48,6 +48,7 @@ def test_a_toml_file_error_names_the_file(tmp_path):
 def test_afc_fullband_is_afc_with_the_stem_down_sampling_deferred():
     afc, fullband = load_recipe("afc").to_dict(), load_recipe("afc-fullband").to_dict()
     assert (afc["conv"].pop("defer"), fullband["conv"].pop("defer")) == ("none", "input")
+    assert (afc["activation"].pop("scale"), fullband["activation"].pop("scale")) == ("inband", "outband")
     assert afc == fullband
 
 
@@ -63,8 +64,8 @@ def test_a_recipe_starts_from_its_base_and_merges_its_own_tables_on_top(tmp_path
     assert got.pop("overrides") == {"stem.*": {"activation": {"replace": "keep", "degree": 4}}}
     del want["activation"]["degree"], want["conv"]["defer"]
     assert got == want
-    assert load_recipe({"base": "afc", "name": "mine", "conv": {"defer": "input"}}).to_dict() == \
-        load_recipe("afc-fullband").to_dict()
+    assert load_recipe({"base": "afc", "name": "mine", "conv": {"defer": "input"},
+                        "activation": {"scale": "outband"}}).to_dict() == load_recipe("afc-fullband").to_dict()
 
 
 @pytest.mark.parametrize("text,message", [

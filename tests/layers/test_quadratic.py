@@ -115,6 +115,76 @@ def test_gradient_is_autograds(layout, normalize, method, h, w):
         assert torch.autograd.gradcheck(lambda t, c: band_limited_quadratic(t, c, dims, cdim, sdims), (x, coef))
 
 
+DOWN = [((28, 28), (14, 14)), ((9, 12), (5, 6)), ((7, 7), (4, 4)), ((8, 6), (3, 5))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("normalize", ["none", "channel", "sample"])
+@pytest.mark.parametrize("size,out", DOWN)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fused_down_sampling_is_the_resampled_output(layout, normalize, size, out, dtype, tol):
+    """With ``out`` = n: R_n of (a0 s + a1 P x + (a2 / s) B(x)) with s from R_n B, computed on the smaller grid
+    N + ceil(n / 2); the reference resamples the 2x-grid definition. Odd, non-square, Nyquist content."""
+    dims, cdim = LAYOUTS[layout]
+    x = _map(*size, layout)
+    coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sdims = scale_dims(normalize, dims, cdim % 4)
+    with resample_method("fft"):
+        b = ideal_resample(ideal_resample(ideal_resample(x, [2 * v for v in size], dims) ** 2, size, dims), out, dims)
+        lin = ideal_resample(x, out, dims)
+    view = [1] * x.ndim
+    view[cdim] = -1
+    a0, a1, a2 = (coef[:, k].reshape(view) for k in range(3))
+    s = 1.0 if sdims is None else ((b * b).mean(sdims, keepdim=True) + 1e-24) ** 0.25
+    ref = a0 * s + a1 * lin + a2 * b / s
+    for method in ("matmul", "fft"):
+        got = band_limited_quadratic(x.to(dtype), coef.to(dtype), dims, cdim, sdims, method=method, out=out)
+        assert got.shape == ref.shape and relative_change(got.double(), ref) < tol
+
+
+@pytest.mark.parametrize("normalize", ["none", "channel", "sample"])
+@pytest.mark.parametrize("method", ["matmul", "fft"])
+@pytest.mark.parametrize("layout,size,out", [("nchw", (7, 6), (4, 3)), ("nhwc", (6, 5), (3, 3))])
+def test_fused_gradient_is_autograds(normalize, method, layout, size, out):
+    dims, cdim = LAYOUTS[layout]
+    x = _map(*size, layout).requires_grad_()
+    coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    sdims = scale_dims(normalize, dims, cdim % 4)
+    with resample_method(method):
+        assert torch.autograd.gradcheck(lambda t, c: band_limited_quadratic(t, c, dims, cdim, sdims, out=out),
+                                        (x, coef))
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("degree", [2, 3])
+def test_outband_scale_fuses_the_deferred_down_sampling_and_stays_equivariant(shift, degree):
+    """An activation with a stride-2 ``post_down`` and scale "outband": shifting its input by 2 d shifts its output
+    by d, fractional d included (float64, non-square); sampling a pointwise quadratic by 2 does not (d fractional). Without a
+    ``post_down`` "outband" is "inband"."""
+    from afconvert.layers.conv import IdealDownsample2d
+    x = _map(12, 16, nyquist=False)
+
+    def layer(scale, down=True):
+        act = AliasFreePolyActivation(3, degree, [0.1, 0.5, 0.3, 0.05][:degree + 1], normalize="channel",
+                                      scale=scale).double()
+        if down:
+            act.post_down = IdealDownsample2d((2, 2))
+        return act
+
+    fused = layer("outband")
+
+    def err(f):
+        with torch.no_grad():
+            moved = f(fractional_shift(x, 2 * shift[0], 2 * shift[1]))
+            return relative_change(moved, fractional_shift(f(x), *shift))
+    assert fused(x).shape[-2:] == (6, 8) and err(fused) < 1e-12
+    if shift[0] != int(shift[0]):       # 2 d integer: plain sampling by 2 would be invariant too
+        assert err(lambda t: (0.1 + 0.5 * t + 0.3 * t * t)[..., ::2, ::2]) > 1e-3
+    with torch.no_grad():
+        assert relative_change(layer("outband", down=False)(x), layer("inband", down=False)(x)) < 1e-14
+        assert relative_change(fused(x), layer("inband")(x)) > 1e-6    # the scale differs: a form of its own
+
+
 def test_float32_gradient_matches_the_definitions_autograd():
     dims, cdim = LAYOUTS["nchw"]
     x64 = _map(12, 10, nyquist=False)
