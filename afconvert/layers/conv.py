@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
-__all__ = ["circular_pad", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
+__all__ = ["circular_pad", "folded_kernel", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
            "AliasFreeConvTranspose2d", "IdealDownsample2d", "conv_output_size", "strided_output_size"]
 
 
@@ -34,6 +34,39 @@ def circular_pad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
     rows = torch.arange(-top, H + bottom, device=x.device) % H
     cols = torch.arange(-left, W + right, device=x.device) % W
     return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _fold(weight: torch.Tensor, dim: int, n: int, dilation: int, before: int) -> torch.Tensor:
+    """The kernel's taps along ``dim`` summed onto n offsets: tap a of a kernel that starts ``before`` samples early
+    reads offset (a d - before) mod n."""
+    if n == 1:
+        return weight.sum(dim, keepdim=True)
+    offsets = (torch.arange(weight.shape[dim], device=weight.device) * dilation - before) % n
+    shape = list(weight.shape)
+    shape[dim] = n
+    return weight.new_zeros(shape).index_add(dim, offsets, weight)
+
+
+def folded_kernel(weight: torch.Tensor, size: Sequence[int], pad: Sequence[int], dilation: Sequence[int]
+                  ) -> tuple[torch.Tensor, tuple[int, int, int, int], tuple[int, int]]:
+    """A stride-1 circular convolution on a map smaller than its kernel, as one with the kernel folded onto the map.
+
+    On an n-periodic map, y[i] = sum_a w[a] x[(i + a d - p) mod n] = sum_u w'[u] x[(i + u) mod n] with
+    w'[u] = sum of the taps with (a d - p) mod n = u: n taps instead of k (a 3 x 3 conv on a 1 x 1 map is a
+    1 x 1 conv with the taps summed). Folds each dim where the map has fewer samples than the kernel has taps
+    and the output keeps the map's size; returns (weight, pad (left, right, top, bottom), dilation) to use with
+    ``circular_pad`` and a 'valid' conv. The same function, gradient included (the fold is linear)."""
+    (kh, kw), (h, w) = weight.shape[-2:], size
+    left, right, top, bottom = pad
+    fold_h = h < kh and top + bottom == dilation[0] * (kh - 1)
+    fold_w = w < kw and left + right == dilation[1] * (kw - 1)
+    if not (fold_h or fold_w):
+        return weight, tuple(pad), tuple(dilation)
+    if fold_h:
+        weight, top, bottom = _fold(weight, 2, h, dilation[0], top), 0, h - 1
+    if fold_w:
+        weight, left, right = _fold(weight, 3, w, dilation[1], left), 0, w - 1
+    return weight, (left, right, top, bottom), (1 if fold_h else dilation[0], 1 if fold_w else dilation[1])
 
 
 def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -91,11 +124,12 @@ class CircularConv2d(nn.Conv2d):
         return new
 
     def _circular_conv(self, x: torch.Tensor) -> torch.Tensor:
-        x = circular_pad(x, self.pad)
+        weight, pad, dilation = folded_kernel(self.weight, x.shape[-2:], self.pad, self.dilation)
+        x = circular_pad(x, pad)
         if x.dtype is torch.float64 and x.device.type == "cpu" and self.groups > 1 and \
                 self.groups == self.in_channels == self.out_channels:
-            return depthwise_taps(x, self.weight, self.bias, self.dilation)
-        return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
+            return depthwise_taps(x, weight, self.bias, dilation)
+        return F.conv2d(x, weight, self.bias, 1, 0, dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._circular_conv(x)

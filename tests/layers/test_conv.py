@@ -1,8 +1,9 @@
 """Convolutions (afconvert.layers.conv): circular padding and stride-1 circular convolutions, exactly
 equivariant where zero padding is not; strided alias-free convolutions, whose low-pass-first form
 D_s(w (*) x) = (w (*) LP x)[::s] equals the stride-1-then-down-sample form, forward and backward, and is the one
-taken where it costs less; the depthwise tap sum; transposed convolutions, the ideal low-pass of the periodic
-original (an input shift d moves the output by s d), where the original's zero insertion aliases."""
+taken where it costs less; the depthwise tap sum; a kernel folded onto a map smaller than it (the same conv);
+transposed convolutions, the ideal low-pass of the periodic original (an input shift d moves the output by s d),
+where the original's zero insertion aliases."""
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +20,7 @@ from afconvert.layers.conv import (
     SampledConv2d,
     circular_pad,
     depthwise_taps,
+    folded_kernel,
 )
 from afconvert.layers.spectral import fractional_shift, ideal_resample, zero_nyquist
 
@@ -110,6 +112,29 @@ def test_circular_conv_on_map_smaller_than_kernel():
     tiled = x.repeat(1, 1, 5, 5)  # a 2x2 periodic map, seen through a wide window
     ref = F.conv2d(tiled, conv.weight, conv.bias, groups=3)[..., 1:3, 1:3]
     torch.testing.assert_close(c(x), ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 4), w=st.integers(1, 4), kh=st.integers(1, 6), kw=st.integers(1, 6),
+       dh=st.integers(1, 2), dw=st.integers(1, 2), top=st.integers(0, 10), left=st.integers(0, 10),
+       groups=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_a_kernel_folded_onto_a_small_map_is_the_same_circular_conv(h, w, kh, kw, dh, dw, top, left, groups, dtype):
+    """The folded kernel (as many taps as the map has samples, per dim) gives the wrapped-padding conv's output and
+    gradients; it folds only where the map is smaller than the kernel."""
+    top, left = min(top, dh * (kh - 1)), min(left, dw * (kw - 1))
+    pad = (left, dw * (kw - 1) - left, top, dh * (kh - 1) - top)
+    gen = torch.Generator().manual_seed(h * 7 + kw)
+    x = torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = torch.randn(6, 4 // groups, kh, kw, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    ref = F.conv2d(circular_pad(x, pad), weight, None, 1, 0, (dh, dw), groups)
+    folded, fpad, fdil = folded_kernel(weight, (h, w), pad, (dh, dw))
+    got = F.conv2d(circular_pad(x, fpad), folded, None, 1, 0, fdil, groups)
+    assert folded.shape[-2:] == (h if h < kh else kh, w if w < kw else kw)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    assert got.shape == ref.shape == x.shape[:1] + (6, h, w) and relative_change(got, ref) < tol
+    for a, b in zip(torch.autograd.grad(got, (x, weight), g), torch.autograd.grad(ref, (x, weight), g)):
+        assert relative_change(a, b) < tol
 
 
 @pytest.mark.parametrize("size", LAYER_SIZES)
