@@ -45,7 +45,7 @@ KD = ["--kd-temperature", "2", "--task-loss-weight", "1", "--clip-grad", "2", "-
 GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
 
 # length of each run: epochs (full) or optimizer steps (quick), test images for the curves and the certified metrics
-FULL = {"baseline": ["--epochs", "10"], "afc": ["--epochs", "4"], "peer": ["--epochs", "1"],
+FULL = {"baseline": ["--epochs", "12"], "afc": ["--epochs", "5"], "peer": ["--steps", "235"],
         "val_limit": 2000, "eval_limit": 500, "ablation": ["--steps", "235"]}
 QUICK = {"baseline": ["--steps", "120"], "afc": ["--steps", "40"], "peer": ["--steps", "20"],
          "val_limit": 300, "eval_limit": 200, "ablation": ["--steps", "20"]}
