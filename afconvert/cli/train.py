@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="afc", help="recipe the model is converted with first (default afc; none: "
                                                    "unconverted)")
     p.add_argument("--weights", metavar="FILE", help="initial weights (default: random)")
-    add_training_arguments(p, distill=False, lr=1e-3, train_bn=True)
+    add_training_arguments(p, distill=False, lr=1e-3)
     return p
 
 

@@ -41,7 +41,7 @@ def _argument(f: dataclasses.Field, default) -> dict:
 def add_training_arguments(p: argparse.ArgumentParser, distill: bool = True, **defaults) -> None:
     """``--num-classes`` and ``--in-chans`` of models given by name, then one flag per ``FinetuneConfig`` field
     (its ``distill`` ones only if ``distill``), with the field's default unless ``defaults`` overrides it
-    (``train``: ``lr=1e-3, train_bn=True``)."""
+    (``train``: ``lr=1e-3``)."""
     from afconvert.train.config import FinetuneConfig
     p.add_argument("--num-classes", type=int, default=None, help="classifier size of models given by name")
     p.add_argument("--in-chans", type=int, default=None, help="input channels of models given by name (1: grayscale)")

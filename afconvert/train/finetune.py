@@ -20,8 +20,9 @@ images, a ``Checkpointer`` (``afconvert.train.checkpointer``) writes and resumes
 * Loss: ``kd_loss`` (KL at ``--kd-temperature``, non-finite rows left out) plus, with
   ``--task-loss-weight``, cross-entropy on the labels; without a teacher, that cross-entropy alone.
   timm's ``create_optimizer_v2``, ``create_scheduler_v2`` (stepped per update), ``ModelEmaV3`` and ``Mixup``
-  (``--mixup`` / ``--cutmix``: teacher and student see the same mixed images). BatchNorm statistics stay frozen
-  (few images per batch) unless ``--train-bn``. ``--grad-accum-steps N``: one update per N batches.
+  (``--mixup`` / ``--cutmix``: teacher and student see the same mixed images). BatchNorm statistics train
+  (``--no-train-bn`` freezes them, e.g. for a few images per batch). ``--grad-accum-steps N``: one update per N
+  batches.
 * Mixed precision (``--amp``, ``--amp-dtype``): torch autocast; the FFT, polynomial and LayerNorm
   layers compute in float32 inside it (``promote_half``); float16 uses a ``GradScaler``.
 * Outputs: ``OUTPUT/last.pt`` every ``--checkpoint-every`` updates (the first as soon as the run starts),
