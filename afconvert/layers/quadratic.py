@@ -68,9 +68,24 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     return ideal_resample(z, o, dims, method)
 
 
+def _kept(x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None) -> tuple[int, ...]:
+    """The spatial dims whose size ``out`` keeps (all of them without ``out``)."""
+    return tuple(dims) if out is None else tuple(d for d, n in zip(dims, out) if x.shape[d] == n)
+
+
 def _linear(x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None, method) -> torch.Tensor:
-    """The linear term's map: P x, or R_n x with ``out`` = n (R_n drops the Nyquist bins P drops)."""
-    return drop_nyquist(x, dims) if out is None else ideal_resample(x, out, dims, method)
+    """The linear term's map: P x, or R_n P x with ``out`` = n (P then acts only along the dims n keeps: R_n
+    drops the Nyquist bins of the others)."""
+    px = drop_nyquist(x, _kept(x, dims, out))
+    return px if out is None else ideal_resample(px, out, dims, method)
+
+
+def _linear_adjoint(g: torch.Tensor, x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None, method
+                    ) -> torch.Tensor:
+    """The adjoint of ``_linear`` (P is symmetric): P g, or P R_n^T g."""
+    if out is not None:
+        g = resample_adjoint(g, [x.shape[d] for d in dims], dims, method)
+    return drop_nyquist(g, _kept(x, dims, out))
 
 
 def _alternating(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -155,7 +170,7 @@ class BandLimitedQuadratic(torch.autograd.Function):
     Backward, with g = dL/dy and n the size of a scale group:
       dL/ds = sum_group g (a0 - a2 B / s^2);   dL/dB = g a2 / s + dL/ds B / (2 n s^3)
       dL/dx = a1 P g + R_M^T (2 (R_M x) * R_N^T dL/dB)      (R_M: N -> M grid, R_N: M -> N)
-    (fused down-sampling to n: R_n^T g for P g, R_n from M for R_N.)
+    (fused down-sampling to n: P R_n^T g for P g, R_n from M for R_N.)
     dL/ds and the coefficients' gradients from per-map sums of g and g B (dL/dB is then one pass over g and B);
     computed in the normalised quantities (x / r, Bn, t = s / r) so that nothing overflows."""
 
@@ -177,8 +192,7 @@ class BandLimitedQuadratic(torch.autograd.Function):
         if scale_dims is not None or ctx.needs_input_grad[1]:   # per-map sums of g and g B: the rest is small
             sg, sgb = g.sum(spatial_dims, keepdim=True), (g * b).sum(spatial_dims, keepdim=True)
         gx = gcoef = None
-        # P g (P = P^T: also sum g P x = sum x P g), or R_n^T g
-        pg = drop_nyquist(g, spatial_dims) if out is None else resample_adjoint(g, n, spatial_dims, method)
+        pg = _linear_adjoint(g, x, spatial_dims, out, method)   # P g (also sum g P x = sum x P g), or P R_n^T g
         if ctx.needs_input_grad[0]:
             # h = 2 r dL/dB as per-map coefficients of g and B (dL/ds = sum g (a0 - a2 B / s^2) from the sums)
             if r is None:
