@@ -60,8 +60,6 @@ def folded_kernel(weight: torch.Tensor, size: Sequence[int], pad: Sequence[int],
     left, right, top, bottom = pad
     fold_h = h < kh and top + bottom == dilation[0] * (kh - 1)
     fold_w = w < kw and left + right == dilation[1] * (kw - 1)
-    if not (fold_h or fold_w):
-        return weight, tuple(pad), tuple(dilation)
     if fold_h:
         weight, top, bottom = _fold(weight, 2, h, dilation[0], top), 0, h - 1
     if fold_w:

@@ -134,7 +134,8 @@ def inband_scale(x: torch.Tensor, spatial_dims: Sequence[int], scale_dims: Seque
 
 
 def _terms(x, coef, spatial_dims, channel_dim, scale_dims, eps, method, out):
-    """(c0, c1, c2, B-like map, r, t): y = c0 + c1 P x + c2 Bn, per-(sample, channel) c0, c2."""
+    """(c0, c1, c2, B-like map, r, t): y = c0 + c1 P x + c2 Bn (R_n P x and R_n Bn with ``out``), per-(sample,
+    channel) c0, c2."""
     a0, a1, a2 = [channel_view(coef[:, k], x.ndim, channel_dim) for k in range(3)]
     if scale_dims is None:
         return a0, a1, a2, band_limited_square(x, spatial_dims, method, out), None, None
