@@ -60,6 +60,8 @@ def folded_kernel(weight: torch.Tensor, size: Sequence[int], pad: Sequence[int],
     left, right, top, bottom = pad
     fold_h = h < kh and top + bottom == dilation[0] * (kh - 1)
     fold_w = w < kw and left + right == dilation[1] * (kw - 1)
+    if fold_h and fold_w and h == w == 1:         # every tap onto one sample: one reduction over both dims
+        return weight.sum((2, 3), keepdim=True), (0, 0, 0, 0), (1, 1)
     if fold_h:
         weight, top, bottom = _fold(weight, 2, h, dilation[0], top), 0, h - 1
     if fold_w:

@@ -168,6 +168,32 @@ def test_matmul_path_equals_fft_path(h, w, oh, ow, chans_last, dtype):
 
 
 @FAST
+@given(h=st.integers(1, 11), w=st.integers(1, 11), oh=st.integers(1, 11), ow=st.integers(1, 11),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_kronecker_product_path_equals_two_products(h, w, oh, ow, dtype):
+    """Small maps on the last two dims take one product with A_0 (x) A_1: the same operator as the two
+    products (forward, adjoint, low-pass) to float64 1e-12 / float32 1e-5, and the path is really taken."""
+    import afconvert.layers.spectral as spectral
+    x = _x(h, w, dtype=dtype, chans=3)
+    tol = (1e-12 if dtype is torch.float64 else 1e-5) * float(x.abs().max())
+
+    def run(limit):
+        old, spectral.KRON_MAX_SAMPLES = spectral.KRON_MAX_SAMPLES, limit
+        try:
+            spectral._MATRICES.clear()
+            out = (ideal_resample(x, (oh, ow), method="matmul"),
+                   spectral.resample_adjoint(x, (oh, ow), method="matmul"),
+                   ideal_lowpass(x, 0.5, method="matmul"))
+            return out, any(k[0] == "kron" for k in spectral._MATRICES)
+        finally:
+            spectral.KRON_MAX_SAMPLES = old
+    (kron, used), (two, unused) = run(121), run(0)
+    assert used and not unused
+    for a, b in zip(kron, two):
+        assert a.shape == b.shape and a.dtype == dtype and float((a - b).abs().max()) <= tol
+
+
+@FAST
 @given(h=sizes, w=sizes, cutoff=st.sampled_from([1.0, 0.75, 0.5, 1 / 3]),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
