@@ -44,8 +44,10 @@ COMMON = ["--num-classes", "10", "--in-chans", "1", "--input-size", SIZE, SIZE, 
 KD = ["--kd-temperature", "2", "--task-loss-weight", "1", "--clip-grad", "2", "--train-bn"]
 GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
 
-# length of each run: epochs (full) or optimizer steps (quick), test images for the curves and the certified metrics
-FULL = {"baseline": ["--epochs", "12"], "afc": ["--epochs", "5"], "peer": ["--steps", "235"],
+# length of each run: epochs (full; a checkpoint per epoch of 468 steps) or optimizer steps (quick), test images for
+# the curves and the certified metrics
+FULL = {"baseline": ["--epochs", "12", "--checkpoint-every", "468"],
+        "afc": ["--epochs", "6", "--checkpoint-every", "468"], "peer": ["--steps", "235"],
         "val_limit": 2000, "eval_limit": 500, "ablation": ["--steps", "235"]}
 QUICK = {"baseline": ["--steps", "120"], "afc": ["--steps", "40"], "peer": ["--steps", "20"],
          "val_limit": 300, "eval_limit": 200, "ablation": ["--steps", "20"]}
