@@ -47,7 +47,7 @@ GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
 # length of each run: epochs (full; a checkpoint per epoch of 468 steps) or optimizer steps (quick), test images for
 # the curves and the certified metrics
 FULL = {"baseline": ["--epochs", "12", "--checkpoint-every", "468"],
-        "afc": ["--epochs", "6", "--checkpoint-every", "468"], "peer": ["--steps", "235"],
+        "afc": ["--epochs", "7", "--checkpoint-every", "468"], "peer": ["--steps", "235"],
         "val_limit": 2000, "eval_limit": 500, "ablation": ["--steps", "235"]}
 QUICK = {"baseline": ["--steps", "120"], "afc": ["--steps", "40"], "peer": ["--steps", "20"],
          "val_limit": 300, "eval_limit": 200, "ablation": ["--steps", "20"]}
