@@ -12,7 +12,8 @@ and 10,000 test images, 28 x 28 gray, read in place from its IDX files). Model: 
    the network sees the image's full band) with the recipe that recovers the accuracy: activations fitted per
    channel on real images (``--calibration``), a blend from the source network annealed to the alias-free one
    over the first 15 % of the steps, distillation from the baseline (KL at T = 2 plus cross-entropy), learning
-   rate 3e-3; ``DIR/afc_finetuned.pt``;
+   rate 3e-3; ``DIR/afc_finetuned.pt``. ``aps`` at 32 x 32 (``PEER_SIZE``: exact for integer shifts only where the
+   stride divides every map, and 28 px reaches 7 x 7);
 3. ``train --recipe afc-fullband``: the same alias-free network from scratch on the labels, and ``finetune
    --no-pretrained --teacher``: from scratch distilled from the same teacher with the same schedule (what the
    converted weights buy apart from the teacher);
@@ -38,9 +39,12 @@ from afconvert.atomic import atomic_savefig, atomic_write
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 MODEL = "resnet18"
 SIZE = "28"                                         # input size: the images' own
+# aps samples the polyphase component of largest norm, exact for integer shifts only where the stride divides every
+# map it samples: at 28 px ResNet-18 reaches 7 x 7, so its peer run trains and is evaluated at 32 px (16, 8, .. 1)
+PEER_SIZE = {"aps": "32"}
 AFC = "afc-fullband"                                # the alias-free recipe
-COMMON = ["--num-classes", "10", "--in-chans", "1", "--input-size", SIZE, SIZE, "--batch-size", "128", "--aa", "",
-          "--scale", "0.9", "1.0", "--no-progress"]
+COMMON = ["--num-classes", "10", "--in-chans", "1", "--batch-size", "128", "--aa", "", "--scale", "0.9", "1.0",
+          "--no-progress"]
 KD = ["--kd-temperature", "2", "--task-loss-weight", "1", "--clip-grad", "2", "--train-bn"]
 GRIDS = ["integer:0..1", "half:0..0", "fractional:3", "consistency:4", "crop:1"]
 
@@ -69,6 +73,10 @@ ABLATION = {
     "lr 3e-4": ["--lr", "3e-4"],
     "BatchNorm statistics frozen (no --train-bn)": ["--no-train-bn"],
 }
+
+
+def size_flags(px: str = SIZE) -> list[str]:
+    return ["--input-size", px, px]
 
 
 def afconvert(*argv: str) -> None:
@@ -139,7 +147,7 @@ def main() -> None:
     minutes: dict[str, float] = {}
 
     base = run(out, "baseline", ["train", MODEL, "--recipe", "none", "--lr", "2e-3", "--weight-decay", "0.05",
-                                 *plan["baseline"], *data, *COMMON], minutes)
+                                 *plan["baseline"], *data, *COMMON, *size_flags()], minutes)
     atomic_write(out / "baseline.pt", base.read_bytes())
     if args.ablation:
         return ablation(out, data, plan, minutes)
@@ -148,21 +156,22 @@ def main() -> None:
     converted = out / "afc_converted.pt"
     if not converted.is_file():
         afconvert(MODEL, "--weights", str(out / "baseline.pt"), "--num-classes", "10", "--in-chans", "1",
-                  "--input-size", SIZE, SIZE, "--recipe", AFC, "--out", str(converted))
+                  *size_flags(), "--recipe", AFC, "--out", str(converted))
     models[f"{AFC} converted, no training"] = converted
     models[f"{AFC} converted + fine-tuned"] = run(out, "afc_finetuned", [
         "finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", AFC, "--calibration", args.data,
-        "--blend", "0.15", "--lr", "3e-3", *KD, *plan["afc"], *data, *COMMON], minutes)
+        "--blend", "0.15", "--lr", "3e-3", *KD, *plan["afc"], *data, *COMMON, *size_flags()], minutes)
     atomic_write(out / "afc_finetuned.pt", models[f"{AFC} converted + fine-tuned"].read_bytes())
     for recipe in ("aps", "blurpool", "circular"):
         models[f"{recipe} converted + fine-tuned"] = run(out, f"{recipe}_finetuned", [
             "finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", recipe, "--lr", "5e-4", *KD,
-            *plan["peer"], *data, *COMMON], minutes)
+            *plan["peer"], *data, *COMMON, *size_flags(PEER_SIZE.get(recipe, SIZE))], minutes)
     models[f"{AFC} from scratch, labels"] = run(out, "afc_scratch", [
-        "train", MODEL, "--recipe", AFC, "--lr", "2e-3", "--clip-grad", "2", *plan["afc"], *data, *COMMON], minutes)
+        "train", MODEL, "--recipe", AFC, "--lr", "2e-3", "--clip-grad", "2", *plan["afc"], *data, *COMMON,
+        *size_flags()], minutes)
     models[f"{AFC} from scratch, same teacher"] = run(out, "afc_scratch_teacher", [
         "finetune", MODEL, "--no-pretrained", "--recipe", AFC, *teacher, "--lr", "3e-3", *KD, *plan["afc"], *data,
-        *COMMON], minutes)
+        *COMMON, *size_flags()], minutes)
 
     paths = [str(m) for m in models.values()]
     limit = ["--limit", str(plan["eval_limit"] * 5)] if args.quick else []
@@ -185,7 +194,7 @@ def ablation(out: Path, data: list[str], plan: dict, minutes: dict) -> None:
     for i, (label, change) in enumerate(ABLATION.items()):
         change = [a.format(data=data[1]) for a in change]
         argv = ["finetune", MODEL, "--weights", str(out / "baseline.pt"), "--recipe", "afc", *AFC_RECIPE, *change,
-                *plan["ablation"], *data, *COMMON]
+                *plan["ablation"], *data, *COMMON, *size_flags()]
         run(out, f"ablation/{i:02d}", argv, minutes)
         val = list(csv.DictReader(open(out / "runs" / "ablation" / f"{i:02d}" / "val.csv")))
         rows.append({"variant": label, "change": " ".join(change) or "(none)", "top1": float(val[-1]["top1"]),

@@ -14,7 +14,9 @@ Conventions shared by all metrics:
 * **Band limit**: the certified, consistency, equivariance and band-limited curve metrics shift
   ``P(x) = zero_nyquist(x)``, the image without its Nyquist bins: a signal with energy in a Nyquist
   bin has no unique fractional shift, so "the image shifted by 1/2 pixel" is only defined for
-  ``P(x)``. Plain accuracy, crop-shift and bilinear metrics use the raw image.
+  ``P(x)``. Grids of integer shifts only (certified integer, integer consistency) shift the raw image:
+  an integer circular shift is defined for any image. Plain accuracy, crop-shift and bilinear metrics
+  use the raw image.
 * Shifted copies of one batch are stacked into calls of up to ``chunk`` images (several shifts
   per model call); images already failed are not evaluated again.
 """
@@ -90,14 +92,16 @@ def certified_correct(model: Model, x: torch.Tensor, target: torch.Tensor, shift
                       correct: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) bool: certified correct = correct on x AND on shift(base, d) for every d in ``shifts``.
 
-    ``base`` is P(x) for ``method='band_limited'`` (fractional_shift), the raw x for
-    ``'bilinear'`` (bilinear_shift). ``correct`` is the plain top-1 correctness on x if already known.
+    ``base`` is P(x) for ``method='band_limited'`` (fractional_shift) with any non-integer shift, the raw x
+    for integer shifts only and for ``'bilinear'`` (bilinear_shift). ``correct`` is the plain top-1
+    correctness on x if already known.
     """
     shift = _shifter(method)
     shifts = [tuple(map(float, s)) for s in shifts]
     target = target.to(x.device)
     alive = (topk_correct(model(x), target) if correct is None else correct.clone()).to(x.device)
-    base = band_limit(x) if method == "band_limited" else x
+    integer = all(v == int(v) for s in shifts for v in s)
+    base = band_limit(x) if method == "band_limited" and not integer else x
     i = 0
     while i < len(shifts) and bool(alive.any()):
         idx = alive.nonzero().flatten()
@@ -122,7 +126,8 @@ def _random_shifts(n: int, max_shift: float, fractional: bool, generator: torch.
 def consistency_same(model: Model, x: torch.Tensor, max_shift: float = 32, fractional: bool = False,
                      generator: torch.Generator | None = None, chunk: int = 64
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift consistency of each image: do two random shifts of P(x) give the same top-1?
+    """Shift consistency of each image: do two random shifts of P(x) (of x for integer shifts) give the same
+    top-1?
 
     Each image gets its own fresh pair of shifts (integer dy, dx uniform in -R..R, or real uniform
     in [-R, R] with ``fractional``). Returns ((B,) bool same, (B, 2, 2) the shifts used).
@@ -130,7 +135,7 @@ def consistency_same(model: Model, x: torch.Tensor, max_shift: float = 32, fract
     """
     b = x.shape[0]
     shifts = _random_shifts(b, max_shift, fractional, generator)
-    base = band_limit(x)
+    base = band_limit(x) if fractional else x
     views = torch.cat([fractional_shift(base[i:i + 1], *shifts[i, j].tolist()) for j in range(2) for i in range(b)])
     logits = torch.cat([model(views[s:s + chunk]) for s in range(0, views.shape[0], max(1, chunk))])
     pred = predict(logits).view(2, b)

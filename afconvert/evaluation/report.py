@@ -45,8 +45,9 @@ def format_table(results: Sequence[dict]) -> str:
         g = results[0]["grids"]
         lines.append("grids: " + ", ".join(f"{v['spec']} ({v['count']} shifts)" if "count" in v else v["spec"]
                                           for v in g.values()))
-        lines.append("certified = correct on the image and on every shift of the band-limited image (Nyquist bins "
-                     "zeroed); non-finite logits count as wrong")
+        lines.append("certified = correct on the image and on every shift of its grid: of the image for integer "
+                     "grids, of the band-limited image (Nyquist bins zeroed) otherwise; non-finite logits count as "
+                     "wrong")
     return "\n".join(lines)
 
 

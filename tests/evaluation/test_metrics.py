@@ -106,13 +106,14 @@ def test_certified_fails_on_the_one_shift_that_flips():
     assert not M.certified_correct(third, x0, y, fractional_grid(3))
 
 
-def test_certified_shifts_the_band_limited_image():
+def test_certified_shifts_the_band_limited_image_and_integer_grids_the_raw_one():
     g = torch.Generator().manual_seed(1)
     raw = torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64)    # with Nyquist energy
     y = torch.zeros(1, dtype=torch.long)
     model = FlipAt(zero_nyquist(raw))
     assert M.topk_correct(model(raw), y).item()                        # the raw image itself is fine
-    assert not M.certified_correct(model, raw, y, integer_grid(0, 0))  # P(raw) is what gets shifted
+    assert M.certified_correct(model, raw, y, integer_grid(0, 0))      # integer shifts: of the raw image
+    assert not M.certified_correct(model, raw, y, [(0, 0), (0, 0.5)])  # a half shift: of P(raw), for all
 
 
 def test_certified_batches_shifts_and_skips_failed_images():
