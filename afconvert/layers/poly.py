@@ -116,10 +116,11 @@ class PolyFit:
 
     Accumulates, over every observed element x (with its scale s over ``scale_dims``: the in-band scale over
     ``spatial_dims`` for ``scale="inband"`` and ``"outband"``, else ``l4_scale``; measured at the source's rate
-    and over the input's band, an approximation of the converted layer's), the normal equations of min_a sum (sum_k a_k s^(1-k) x^k - f(x))^2, i.e. of
-    s q(x / s) ~ f(x) (s = 1 when the polynomial is not scale-equivariant). Only sums are kept: (C, d+1, d+1)
-    and (C, d+1), so every sample counts, tails included, at no memory cost. ``solve`` adds a small ridge
-    towards a prior fit (channels with little or degenerate data keep the prior).
+    and over the input's band, an approximation of the converted layer's), the normal equations of
+    min_a sum (sum_k a_k s^(1-k) x^k - f(x))^2, i.e. of s q(x / s) ~ f(x) (s = 1 when the polynomial is not
+    scale-equivariant). Only sums are kept: (C, d+1, d+1) and (C, d+1), so every sample counts, tails included,
+    at no memory cost. ``solve`` adds a small ridge towards a prior fit (channels with little or degenerate data
+    keep the prior).
     """
 
     def __init__(self, degree: int, channel_dim: int, scale_dims: Sequence[int] | None = None,
