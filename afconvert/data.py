@@ -142,7 +142,8 @@ def list_images(root: str | Path, flag: str = "--data", split: str = "test") -> 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{flag} {root}: no such directory; fix: point {flag} at an ImageFolder "
-                        f"(DIR/<class>/<image>.jpg)")
+                        f"(DIR/<class>/<image>.jpg) or a folder of IDX files (*-images-idx3-ubyte[.gz] with "
+                        f"*-labels-idx1-ubyte[.gz])")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     samples = [(p, f) for f in folders for p in sorted((root / f).rglob("*"))
                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from afconvert.allocator import reuse_freed_memory
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
 from afconvert.evaluation.benchmark import AMP_DTYPES, compare
@@ -52,7 +53,10 @@ def main() -> None:
                    help='recipe options, e.g. \'{"activation": {"fuse_linear": true}}\'')
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep the C library's malloc settings (default: freed memory reused, as the CLI does)")
     args = p.parse_args()
+    reused = not args.system_malloc and reuse_freed_memory()
     torch.set_num_threads(args.threads)
     amp = AMP_DTYPES.get(args.amp)
     size = (args.input_size, args.input_size)
@@ -84,7 +88,8 @@ def main() -> None:
         rows.append(cells)
         print(" | ".join(cells), flush=True)
     how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
-        (", torch.compile" if args.compile else "")
+        (", torch.compile" if args.compile else "") + \
+        (", malloc keeps freed memory (afconvert.reuse_freed_memory)" if reused else ", system malloc settings")
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "
           f"| peak memory (train) |\n|---|---|---|---|---|")
