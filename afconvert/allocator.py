@@ -19,11 +19,12 @@ import ctypes
 import os
 import platform
 
-__all__ = ["reuse_freed_memory", "ENV"]
+__all__ = ["reuse_freed_memory", "reusing_freed_memory", "ENV"]
 
 ENV = "AFCONVERT_MALLOC"            # "system": keep the C library's own settings
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (malloc.h)
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_SET = [False]                      # whether this process's thresholds were raised here
 
 
 def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
@@ -40,4 +41,11 @@ def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     value = min(int(threshold), 2 ** 31 - 1)
-    return mallopt(_M_MMAP_THRESHOLD, value) == 1 and mallopt(_M_TRIM_THRESHOLD, value) == 1
+    done = mallopt(_M_MMAP_THRESHOLD, value) == 1 and mallopt(_M_TRIM_THRESHOLD, value) == 1
+    _SET[0] = _SET[0] or done
+    return done
+
+
+def reusing_freed_memory() -> bool:
+    """Whether ``reuse_freed_memory`` has set this process's thresholds (benchmarks report it)."""
+    return _SET[0]

@@ -4,8 +4,10 @@
     python examples/bench_table.py --device cuda --batch-size 64 --train-batch-size 64 --amp bf16
 
 Per model (random weights, recipe afc, 224 px): inference and a training step (forward + backward),
-median time per batch and peak memory of both models, and the ratios; then the machine it ran on.
-Markdown on stdout; ``--json FILE`` also writes every measurement.
+median time per batch and peak memory of both models, and the ratios; then the machine it ran on. Both models run
+with freed memory reused (``afconvert.reuse_freed_memory``, as every CLI command does; ``--system-malloc`` keeps
+glibc's defaults, under which each tensor above 32 MiB costs page faults). Markdown on stdout; ``--json FILE`` also
+writes every measurement.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from afconvert.allocator import reuse_freed_memory
+from afconvert.allocator import reuse_freed_memory, reusing_freed_memory
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
 from afconvert.evaluation.benchmark import AMP_DTYPES, compare
@@ -56,7 +58,8 @@ def main() -> None:
     p.add_argument("--system-malloc", action="store_true",
                    help="keep the C library's malloc settings (default: freed memory reused, as the CLI does)")
     args = p.parse_args()
-    reused = not args.system_malloc and reuse_freed_memory()
+    if not args.system_malloc:
+        reuse_freed_memory()
     torch.set_num_threads(args.threads)
     amp = AMP_DTYPES.get(args.amp)
     size = (args.input_size, args.input_size)
@@ -89,7 +92,7 @@ def main() -> None:
         print(" | ".join(cells), flush=True)
     how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
         (", torch.compile" if args.compile else "") + \
-        (", malloc keeps freed memory (afconvert.reuse_freed_memory)" if reused else ", system malloc settings")
+        (", malloc: freed memory reused (afconvert.reuse_freed_memory)" if reusing_freed_memory() else ", malloc: system")
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "
           f"| peak memory (train) |\n|---|---|---|---|---|")

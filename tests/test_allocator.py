@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from afconvert import allocator
 
@@ -49,6 +50,14 @@ def test_user_settings_are_left_alone(monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert allocator.reuse_freed_memory() is False
+
+
+def test_benchmarks_say_which_malloc_ran(monkeypatch):
+    from afconvert.evaluation.benchmark import compare
+    net = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())  # noqa: E731
+    for state, said in ((False, "system"), (True, "freed memory reused")):
+        monkeypatch.setattr(allocator, "_SET", [state])
+        assert compare(net(), net(), 1, (8, 8), min_run_time=0.01)["malloc"] == said
 
 
 def test_the_cli_sets_it_first(monkeypatch, capsys):

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.allocator import reusing_freed_memory
+
 __all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # the autocast choices of the cost commands
@@ -102,7 +104,8 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
                       "memory": c.peak_mb / max(o.peak_mb, 1e-9) if memory else None},
             "mode": "train step" if train else "inference", "batch_size": batch_size,
             "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
-            "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch.")}
+            "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch."),
+            "malloc": "freed memory reused" if reusing_freed_memory() else "system"}
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",
