@@ -97,7 +97,8 @@ def test_the_cycle_check_sees_dynamic_imports(tmp_path, how):
     ("afconvert.sources", ("afconvert.sources", "afconvert.converter", "afconvert.layers", "afconvert.atomic",
                            "afconvert.data")),
     ("afconvert.evaluation", ("afconvert.evaluation", "afconvert.layers", "afconvert.sources", "afconvert.data",
-                              "afconvert.atomic", "afconvert.converter.certify", "afconvert.converter.layout")),
+                              "afconvert.atomic", "afconvert.allocator", "afconvert.converter.certify",
+                              "afconvert.converter.layout")),
     ("afconvert.rules", ("afconvert.rules", "afconvert.layers", "afconvert.converter.rule",
                          "afconvert.converter.layout", "afconvert.converter.calibrate")),
 ])
