@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
-__all__ = ["reuse_freed_memory", "reusing_freed_memory", "ENV"]
+__all__ = ["reuse_freed_memory", "reusing_freed_memory", "glibc", "ENV"]
 
 ENV = "AFCONVERT_MALLOC"            # "system": keep the C library's own settings
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (malloc.h)
@@ -27,13 +26,19 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUN
 _SET = [False]                      # whether this process's thresholds were raised here
 
 
+def glibc() -> bool:
+    """Whether this process runs on glibc (the C library it is linked against, not a guess from the binary)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
     """Allocations up to ``threshold`` bytes come from the heap and freed memory stays there (glibc ``mallopt``:
     M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). True when set; False where it does not apply (another C library,
     the user's own malloc settings, ``AFCONVERT_MALLOC=system``) or glibc refused."""
-    if os.environ.get(ENV, "").lower() == "system" or any(k in os.environ for k in _USER_SETTINGS):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(ENV, "").lower() == "system" or any(k in os.environ for k in _USER_SETTINGS) or not glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

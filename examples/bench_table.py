@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from afconvert.allocator import reuse_freed_memory, reusing_freed_memory
+from afconvert.allocator import reuse_freed_memory
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
-from afconvert.evaluation.benchmark import AMP_DTYPES, compare
+from afconvert.evaluation.benchmark import AMP_DTYPES, compare, malloc_setting
 from afconvert.layers.spectral import resample_method
 from afconvert.sources.models import create_source_model
 
@@ -92,7 +92,7 @@ def main() -> None:
         print(" | ".join(cells), flush=True)
     how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
         (", torch.compile" if args.compile else "") + \
-        (", malloc: freed memory reused (afconvert.reuse_freed_memory)" if reusing_freed_memory() else ", malloc: system")
+        f", malloc: {malloc_setting()}"
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "
           f"| peak memory (train) |\n|---|---|---|---|---|")

@@ -1,7 +1,6 @@
 """afconvert.allocator: with freed memory kept, re-allocating a large tensor costs no page faults (it does under
 glibc's defaults: the check can fail); the user's own settings are left alone; the CLI sets it first."""
 import os
-import platform
 import subprocess
 import sys
 
@@ -9,8 +8,6 @@ import pytest
 import torch
 
 from afconvert import allocator
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # minor page faults of 4 steps that each allocate, write and free a 64 MB and a 32 MB tensor, after 12 such steps
 # (the heap reaches its size within a few: freed blocks coalesce)
@@ -36,7 +33,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.skipif(not allocator.glibc(), reason="glibc only")
 def test_reused_memory_takes_no_page_faults():
     system, reused = _faults("system"), _faults("reuse")
     pages = 4 * (3 << 25) // os.sysconf("SC_PAGE_SIZE")

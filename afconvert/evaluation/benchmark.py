@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from afconvert.allocator import reusing_freed_memory
 
-__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table"]
+__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # the autocast choices of the cost commands
 
@@ -105,7 +105,13 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
             "mode": "train step" if train else "inference", "batch_size": batch_size,
             "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
             "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch."),
-            "malloc": "freed memory reused" if reusing_freed_memory() else "system"}
+            "malloc": malloc_setting()}
+
+
+def malloc_setting() -> str:
+    """The C library's malloc settings this process measures under: "freed memory reused"
+    (``afconvert.reuse_freed_memory``) or "system"."""
+    return "freed memory reused" if reusing_freed_memory() else "system"
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",
