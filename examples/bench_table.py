@@ -6,7 +6,8 @@
 Per model (random weights, recipe afc, 224 px): inference and a training step (forward + backward),
 median time per batch and peak memory of both models, and the ratios; then the machine it ran on. Both models run
 with freed memory reused (``afconvert.reuse_freed_memory``, as every CLI command does; ``--system-malloc`` keeps
-glibc's defaults, under which each tensor above 32 MiB costs page faults). Markdown on stdout; ``--json FILE`` also
+glibc's defaults, under which each tensor above 32 MiB costs page faults; ``--matmul-products`` resamples with
+torch.matmul instead of oneDNN's 1x1 convolutions on a CPU). Markdown on stdout; ``--json FILE`` also
 writes every measurement.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from afconvert.allocator import reuse_freed_memory
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
 from afconvert.evaluation.benchmark import AMP_DTYPES, compare, malloc_setting
+from afconvert.layers import spectral
 from afconvert.layers.spectral import resample_method
 from afconvert.sources.models import create_source_model
 
@@ -57,7 +59,10 @@ def main() -> None:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep the C library's malloc settings (default: freed memory reused, as the CLI does)")
+    p.add_argument("--matmul-products", action="store_true",
+                   help="resampling products through torch.matmul (default on a CPU: oneDNN 1x1 convolutions)")
     args = p.parse_args()
+    spectral.CONV_PRODUCTS[0] &= not args.matmul_products
     if not args.system_malloc:
         reuse_freed_memory()
     torch.set_num_threads(args.threads)
@@ -92,7 +97,7 @@ def main() -> None:
         print(" | ".join(cells), flush=True)
     how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
         (", torch.compile" if args.compile else "") + \
-        f", malloc: {malloc_setting()}"
+        f", products: {'oneDNN' if spectral.CONV_PRODUCTS[0] else 'matmul'}, malloc: {malloc_setting()}"
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "
           f"| peak memory (train) |\n|---|---|---|---|---|")

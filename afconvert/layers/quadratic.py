@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from afconvert.layers.spectral import _matmul_dim, ideal_resample, resample_adjoint
+from afconvert.layers.spectral import _matmul_dim, ideal_resample, keeps_transposed, resample_adjoint
 
 __all__ = ["band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
            "channel_view", "max_abs"]
@@ -63,9 +63,10 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     ``method`` as there). Exactly the 2x form for any x. Same shape as x; with ``out`` = n, R_n B(x) from the
     grid M = N + ceil(n / 2) (n along ``dims``)."""
     _, m, o = _grid(x, dims, out)
-    z = ideal_resample(x, m, dims, method)
+    t = keeps_transposed(x, m, dims, method)       # the M-grid map in the layout the products leave it in
+    z = ideal_resample(x, m, dims, method, (False, t))
     z = z.square() if torch.is_grad_enabled() else z.square_()
-    return ideal_resample(z, o, dims, method)
+    return ideal_resample(z, o, dims, method, (t, False))
 
 
 def _kept(x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None) -> tuple[int, ...]:
@@ -202,8 +203,10 @@ class BandLimitedQuadratic(torch.autograd.Function):
                 count = math.prod([b.shape[d] for d in scale_dims])
                 dlds = (a0 * sg - (a2 / t.square()) * sgb).sum(scale_dims, keepdim=True)
                 xn, h = x / r, torch.mul(g, 2 * a2 / t).addcmul_(b, dlds / (count * t ** 3))
-            w = resample_adjoint(h, m, spatial_dims, method).mul_(ideal_resample(xn, m, spatial_dims, method))
-            gx = resample_adjoint(w, n, spatial_dims, method).addcmul_(a1, pg)
+            swap = keeps_transposed(xn, m, spatial_dims, method)     # the M-grid maps as the products leave them
+            w = resample_adjoint(h, m, spatial_dims, method, (False, swap)).mul_(
+                ideal_resample(xn, m, spatial_dims, method, (False, swap)))
+            gx = resample_adjoint(w, n, spatial_dims, method, (swap, False)).addcmul_(a1, pg)
         if ctx.needs_input_grad[1]:
             const, quad = (sg, sgb) if r is None else (sg * (r * t), sgb * (r / t))     # sums of g s and g B / s
             terms = (const, pg * x, quad)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from afconvert.layers.spectral import (
@@ -262,3 +262,53 @@ def test_matmul_path_is_alias_free_and_naive_resampling_is_not():
     naive = lambda t: t[..., ::2, ::2]  # noqa: E731
     assert float((naive(fractional_shift(x, 1.5, -0.75)) - fractional_shift(naive(x), 0.75, -0.375)).abs().max()) \
         > 1e-2 * float(x.abs().max())
+
+
+@FAST
+@given(h=st.integers(1, 40), w=st.integers(1, 40), oh=st.integers(1, 40), ow=st.integers(1, 40),
+       swapped_in=st.booleans(), swapped_out=st.booleans())
+@example(30, 33, 45, 29, False, False)
+@example(30, 33, 45, 29, False, True)
+@example(30, 33, 45, 29, True, False)
+@example(45, 28, 31, 40, True, True)
+@example(5, 6, 9, 8, True, True)
+def test_conv_products_equal_matmul_in_every_layout(h, w, oh, ow, swapped_in, swapped_out):
+    """On a CPU, float32 resampling runs its products as 1 x 1 convolutions (oneDNN) for small maps (one Kronecker
+    product) and large ones (two, with a transpose between; the path is really taken): the same operator as
+    torch.matmul's products (forward, adjoint, low-pass) to float32 rounding. ``transposed`` (in, out) reads and
+    writes the maps with their two dims swapped, on every path alike."""
+    from unittest import mock
+
+    import afconvert.layers.spectral as spectral
+    x = _x(h, w, dtype=torch.float32, chans=3)
+    tol = 1e-5 * float(x.abs().max())
+    layout = (swapped_in, swapped_out)
+    arg = x.transpose(-1, -2).contiguous() if swapped_in else x
+
+    def run(conv: bool):
+        old, spectral.CONV_PRODUCTS[0] = spectral.CONV_PRODUCTS[0], conv
+        calls = mock.Mock(wraps=spectral.F.conv2d)
+        try:
+            with mock.patch.object(spectral.F, "conv2d", calls):
+                out = (ideal_resample(arg, (oh, ow), method="matmul", transposed=layout),
+                       spectral.resample_adjoint(arg, (oh, ow), method="matmul", transposed=layout),
+                       ideal_lowpass(x, 0.5, method="matmul"))
+            return out, calls.call_count
+        finally:
+            spectral.CONV_PRODUCTS[0] = old
+    (conv, used), (mm, unused) = run(True), run(False)
+    def conv_path(n_in, n_out):
+        return spectral._kron(n_in, n_out) or min(*n_in, *n_out) >= spectral.SWAP_MIN_SIZE
+    assert unused == 0 and (used > 0) == (conv_path((h, w), (oh, ow)) or conv_path((h, w), (h, w)))
+    plain = (ideal_resample(x, (oh, ow), method="matmul"), spectral.resample_adjoint(x, (oh, ow), method="matmul"))
+    for a, b in zip(conv, mm):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= tol
+    for a, b in zip(conv[:2], plain):
+        b = b.transpose(-1, -2) if swapped_out else b
+        assert a.shape == b.shape and float((a - b).abs().max()) <= tol
+
+
+def test_transposed_layout_needs_the_last_two_dims():
+    x = _x(6, 5).movedim(1, -1)   # channels last: the maps on dims (1, 2)
+    with pytest.raises(ValueError, match="last two dims"):
+        ideal_resample(x, (9, 8), dims=(1, 2), transposed=(True, False))
