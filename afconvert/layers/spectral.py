@@ -237,8 +237,9 @@ def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int, n_out: int) -> torch.T
 # between the two products (instead of a batched product of small matrices), 1.3-1.9x faster resampling on an
 # AMD EPYC with AVX-512, 1.1-1.3x with oneDNN held to AVX2 (docs/performance.md). False: torch.matmul throughout.
 CONV_PRODUCTS = [torch.backends.mkldnn.is_available()]
-# ... for maps of at least this many samples per dim (in and out); smaller ones keep the batched product, which is
-# faster there (16 -> 24 px: 2.4 against 4.6 ms for 8 x 1024 maps; 28 -> 42 px: 15.2 against 14.2 ms).
+# Maps of at least this many samples per dim (in and out) take both products along the last dim, with a transpose
+# between; smaller ones keep the batched product for the other dim, which is faster there (16 -> 24 px: 2.1
+# against 4.6 ms for 8 x 1024 maps; 28 -> 42 px: 15.2 against 14.2 ms).
 SWAP_MIN_SIZE = 28
 
 
@@ -290,9 +291,9 @@ def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: i
     (in, out): X, and the result, stored with their two dims swapped (d0, d1 the last two dims).
 
     Small maps on the last two dims (``KRON_MAX_SAMPLES``): X flattened to (..., N_0 N_1) times
-    (A_0 (x) A_1)^T. Maps on the last two dims where ``_conv_products``: ``_swapped_products``, which flips the
-    layout (a caller that resamples twice keeps the map between transposed and saves two copies). Otherwise two
-    products; order: the dim that shrinks most goes first (less work for the second product); at equal ratios
+    (A_0 (x) A_1)^T. Maps on the last two dims of at least ``SWAP_MIN_SIZE`` where ``_conv_products``:
+    ``_swapped_products``, which flips the layout (a caller that resamples twice keeps the map between transposed
+    and saves two copies). Otherwise two products (the one along the last dim by ``_last_dim_product``); order: the dim that shrinks most goes first (less work for the second product); at equal ratios
     the inner dim (the less efficient, small batched product) runs on the smaller map: first when growing, last
     when shrinking."""
     if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
@@ -321,7 +322,7 @@ def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: i
     steps = ((a1, d1, n_out[1]), (a0, d0, n_out[0])) if a1_first else ((a0, d0, n_out[0]), (a1, d1, n_out[1]))
     y = x
     for a, d, n in steps:
-        y = _matmul_dim(y, a, d, n)
+        y = _last_dim_product(y, a) if d == y.ndim - 1 else _matmul_dim(y, a, d, n)
     return _swap(y) if t_out else y
 
 

@@ -287,19 +287,20 @@ def test_conv_products_equal_matmul_in_every_layout(h, w, oh, ow, swapped_in, sw
 
     def run(conv: bool):
         old, spectral.CONV_PRODUCTS[0] = spectral.CONV_PRODUCTS[0], conv
-        calls = mock.Mock(wraps=spectral.F.conv2d)
+        calls, swaps = mock.Mock(wraps=spectral.F.conv2d), mock.Mock(wraps=spectral._swapped_products)
         try:
-            with mock.patch.object(spectral.F, "conv2d", calls):
+            with mock.patch.object(spectral.F, "conv2d", calls), mock.patch.object(spectral, "_swapped_products", swaps):
                 out = (ideal_resample(arg, (oh, ow), method="matmul", transposed=layout),
                        spectral.resample_adjoint(arg, (oh, ow), method="matmul", transposed=layout),
                        ideal_lowpass(x, 0.5, method="matmul"))
-            return out, calls.call_count
+            return out, calls.call_count, swaps.call_count
         finally:
             spectral.CONV_PRODUCTS[0] = old
-    (conv, used), (mm, unused) = run(True), run(False)
-    def conv_path(n_in, n_out):
-        return spectral._kron(n_in, n_out) or min(*n_in, *n_out) >= spectral.SWAP_MIN_SIZE
-    assert unused == 0 and (used > 0) == (conv_path((h, w), (oh, ow)) or conv_path((h, w), (h, w)))
+    (conv, used, swapped), (mm, unused, unswapped) = run(True), run(False)
+    def two_passes(n_in, n_out):   # the swapped products: resample and adjoint, low-pass
+        return not spectral._kron(n_in, n_out) and min(*n_in, *n_out) >= spectral.SWAP_MIN_SIZE
+    expected = 2 * two_passes((h, w), (oh, ow)) + two_passes((h, w), (h, w))
+    assert used > 0 and unused == unswapped == 0 and swapped == expected
     plain = (ideal_resample(x, (oh, ow), method="matmul"), spectral.resample_adjoint(x, (oh, ow), method="matmul"))
     for a, b in zip(conv, mm):
         assert a.shape == b.shape and float((a - b).abs().max()) <= tol
