@@ -69,7 +69,7 @@ def _main(argv: Sequence[str]) -> int:
         return 0
     h, w = args.input_size
     how = f"resample {args.resample}" + (", torch.compile" if args.compile else "") + \
-        (f", autocast {args.amp}" if args.amp else "") + f", malloc: {res['malloc']}"
+        (f", autocast {args.amp}" if args.amp else "") + f", products: {res['products']}, malloc: {res['malloc']}"
     print(f"{args.model} ({args.recipe}): {res['mode']}, batch {args.batch_size} at {h}x{w} on {res['device']}, "
           f"{res['threads']} thread(s), {how}; conversion {seconds:.1f} s")
     print(f"  {'':<10} {'ms/batch':>10} {'images/s':>10} {'peak MB':>10}")

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from afconvert.allocator import reusing_freed_memory
+from afconvert.layers import spectral
 
-__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting"]
+__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting", "products_setting"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # the autocast choices of the cost commands
 
@@ -105,13 +106,19 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
             "mode": "train step" if train else "inference", "batch_size": batch_size,
             "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
             "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch."),
-            "malloc": malloc_setting()}
+            "malloc": malloc_setting(), "products": products_setting(dev)}
 
 
 def malloc_setting() -> str:
     """The C library's malloc settings this process measures under: "freed memory reused"
     (``afconvert.reuse_freed_memory``) or "system"."""
     return "freed memory reused" if reusing_freed_memory() else "system"
+
+
+def products_setting(device: str | torch.device = "cpu") -> str:
+    """What the float32 resampling products run as on ``device``: "oneDNN" (1x1 convolutions, a CPU with
+    ``spectral.CONV_PRODUCTS``) or "matmul"."""
+    return "oneDNN" if torch.device(device).type == "cpu" and spectral.CONV_PRODUCTS[0] else "matmul"
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",

@@ -19,9 +19,10 @@ def test_bench_side_by_side(mode, capsys, one_thread):
         assert r["ms_per_batch"] > 0 and r["peak_mb"] > 0
         assert r["images_per_s"] == pytest.approx(2 / r["ms_per_batch"] * 1e3)
     assert res["ratio"]["time"] == pytest.approx(res["converted"]["ms_per_batch"] / res["original"]["ms_per_batch"])
+    assert res["products"] == "oneDNN"   # a CPU: the resampling products as 1x1 convolutions (the header says so)
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "ratio" in text and "ms/batch" in text and "peak MB" in text
+    assert "ratio" in text and "ms/batch" in text and "peak MB" in text and "products: oneDNN" in text
 
 
 def test_bench_bad_inputs_are_one_line(capsys):
