@@ -293,37 +293,32 @@ def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: i
     Small maps on the last two dims (``KRON_MAX_SAMPLES``): X flattened to (..., N_0 N_1) times
     (A_0 (x) A_1)^T. Maps on the last two dims of at least ``SWAP_MIN_SIZE`` where ``_conv_products``:
     ``_swapped_products``, which flips the layout (a caller that resamples twice keeps the map between transposed
-    and saves two copies). Otherwise two products (the one along the last dim by ``_last_dim_product``); order: the dim that shrinks most goes first (less work for the second product); at equal ratios
-    the inner dim (the less efficient, small batched product) runs on the smaller map: first when growing, last
-    when shrinking."""
+    and saves two copies; elsewhere ``transposed`` costs a copy each way). Otherwise two products (the one along
+    the last dim by ``_last_dim_product``); order: the dim that shrinks most goes first (less work for the second
+    product); at equal ratios the last dim runs on the smaller map: first when growing, last when shrinking."""
     if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
         with torch.autocast(x.device.type, enabled=False):
             return _separable_matmul(x, a0, a1, d0, d1, n_out, key, transposed)
-    t_in, t_out = transposed
+    x, n_in = as_dtype(x, _real_dtype(x)), _sizes(x, d0, d1, transposed)
     last_two = (d0, d1) == (x.ndim - 2, x.ndim - 1)
-    if t_out and not last_two:
-        raise ValueError(f"a transposed layout needs the maps on the last two dims, got dims {(d0, d1)}")
-    x, n_in = as_dtype(x, _real_dtype(x)), _sizes(x, d0, d1, t_in)
+    if last_two and _swapped(x, n_in, n_out):
+        t_in, t_out = transposed
+        y = _swapped_products(x, a0, a1) if t_in else _swapped_products(x, a1, a0)
+        return y if t_out != t_in else _swap(y)
+    if any(transposed):
+        return _in_plain_layout(lambda v: _separable_matmul(v, a0, a1, d0, d1, n_out, key), x, transposed)
     if last_two and _kron(n_in, n_out):
         kron = _cached(("kron", *key), lambda: (a0[:, None, :, None] * a1[None, :, None, :]).reshape(
             n_out[0] * n_out[1], n_in[0] * n_in[1]))
-        if t_in:
-            x = x.transpose(-1, -2)
-        y = _last_dim_product(x.reshape(*x.shape[:-2], n_in[0] * n_in[1]), kron)
-        y = y.reshape(*x.shape[:-2], *n_out)
-        return _swap(y) if t_out else y
-    if last_two and _swapped(x, n_in, n_out):
-        y = _swapped_products(x, a0, a1) if t_in else _swapped_products(x, a1, a0)
-        return y if t_out != t_in else _swap(y)
-    if t_in:
-        x = x.transpose(-1, -2)
+        y = _last_dim_product(x.reshape(-1, n_in[0] * n_in[1]), kron)
+        return y.reshape(*x.shape[:-2], *n_out)
     r0, r1 = n_out[0] / n_in[0], n_out[1] / n_in[1]
     a1_first = r1 < r0 if r0 != r1 else (d1 > d0 if r0 > 1 else d1 < d0)
     steps = ((a1, d1, n_out[1]), (a0, d0, n_out[0])) if a1_first else ((a0, d0, n_out[0]), (a1, d1, n_out[1]))
     y = x
     for a, d, n in steps:
         y = _last_dim_product(y, a) if d == y.ndim - 1 else _matmul_dim(y, a, d, n)
-    return _swap(y) if t_out else y
+    return y
 
 
 def _kron(n_in: Sequence[int], n_out: Sequence[int]) -> bool:
@@ -345,13 +340,18 @@ def keeps_transposed(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)
     return (d0, d1) == (x.ndim - 2, x.ndim - 1) and _use_matmul(x, method, n_in + n_out) and _swapped(x, n_in, n_out)
 
 
-def _sizes(x: torch.Tensor, d0: int, d1: int, swapped: bool) -> tuple[int, int]:
-    """The map's sizes along (d0, d1); stored swapped (``transposed``), (d0, d1) must be the last two dims."""
-    if not swapped:
-        return x.shape[d0], x.shape[d1]
-    if (d0, d1) != (x.ndim - 2, x.ndim - 1):
+def _sizes(x: torch.Tensor, d0: int, d1: int, transposed: tuple[bool, bool]) -> tuple[int, int]:
+    """The map's sizes along (d0, d1), read swapped when ``transposed[0]``; a transposed layout (in or out) needs
+    (d0, d1) to be the last two dims."""
+    if any(transposed) and (d0, d1) != (x.ndim - 2, x.ndim - 1):
         raise ValueError(f"a transposed layout needs the maps on the last two dims, got dims {(d0, d1)}")
-    return x.shape[d1], x.shape[d0]
+    return (x.shape[d1], x.shape[d0]) if transposed[0] else (x.shape[d0], x.shape[d1])
+
+
+def _in_plain_layout(fn, x: torch.Tensor, transposed: tuple[bool, bool]) -> torch.Tensor:
+    """fn (a map in the plain layout to one) on x stored as ``transposed`` says: a copy each way where swapped."""
+    y = fn(_swap(x) if transposed[0] else x)
+    return _swap(y) if transposed[1] else y
 
 
 def _swap(x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +375,7 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     last two): x (..., N1, N0) for sizes (N0, N1).
     """
     d0, d1 = _norm_dims(x, dims)
-    n_in, n_out = _sizes(x, d0, d1, transposed[0]), tuple([int(s) for s in size])
+    n_in, n_out = _sizes(x, d0, d1, transposed), tuple([int(s) for s in size])
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
     matmul = _use_matmul(x, method, n_in + n_out)
@@ -388,8 +388,7 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
         return as_dtype(_separable_matmul(x, a0, a1, d0, d1, n_out, ("resample", n_in, n_out, rdt, x.device),
                                           transposed), dtype)
     if any(transposed):
-        return _swap(ideal_resample(_swap(x) if transposed[0] else x, n_out, (d0, d1), method)) \
-            if transposed[1] else ideal_resample(_swap(x), n_out, (d0, d1), method)
+        return _in_plain_layout(lambda v: ideal_resample(v, n_out, (d0, d1), method), x, transposed)
     spec = torch.fft.rfftn(as_dtype(x, rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
@@ -404,7 +403,7 @@ def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)
     the same map: the transposed matrices, or, for the FFT form, its vector-Jacobian product. ``transposed`` as
     there."""
     d0, d1 = _norm_dims(g, dims)
-    n_out, n_in = _sizes(g, d0, d1, transposed[0]), tuple(int(s) for s in size)
+    n_out, n_in = _sizes(g, d0, d1, transposed), tuple(int(s) for s in size)
     if n_in == n_out:
         return g if transposed[0] == transposed[1] else _swap(g)
     rdt = _real_dtype(g)
@@ -414,8 +413,7 @@ def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)
         return as_dtype(_separable_matmul(g, a0.T, a1.T, d0, d1, n_in, ("adjoint", n_in, n_out, rdt, g.device),
                                           transposed), g.dtype)
     if any(transposed):
-        return _swap(resample_adjoint(_swap(g) if transposed[0] else g, n_in, (d0, d1), method)) \
-            if transposed[1] else resample_adjoint(_swap(g), n_in, (d0, d1), method)
+        return _in_plain_layout(lambda v: resample_adjoint(v, n_in, (d0, d1), method), g, transposed)
     shape = list(g.shape)
     shape[d0], shape[d1] = n_in
     with torch.enable_grad():
