@@ -188,9 +188,10 @@ def test_outband_scale_fuses_the_deferred_down_sampling_and_stays_equivariant(sh
         assert relative_change(fused(x), layer("inband")(x)) > 1e-6    # the scale differs: a form of its own
 
 
-def test_float32_gradient_matches_the_definitions_autograd():
+@pytest.mark.parametrize("h,w", [(12, 10), (28, 31)])   # 28 px and up: the swapped products (CPU float32)
+def test_float32_gradient_matches_the_definitions_autograd(h, w):
     dims, cdim = LAYOUTS["nchw"]
-    x64 = _map(12, 10, nyquist=False)
+    x64 = _map(h, w, nyquist=False)
     coef = torch.tensor([[0.1, 0.5, 0.3]] * 3, dtype=torch.float64)
     g = torch.randn(x64.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref_x = x64.clone().requires_grad_()

@@ -315,3 +315,17 @@ def test_transposed_layout_needs_the_last_two_dims():
     x = _x(6, 5).movedim(1, -1)   # channels last: the maps on dims (1, 2)
     with pytest.raises(ValueError, match="last two dims"):
         ideal_resample(x, (9, 8), dims=(1, 2), transposed=(True, False))
+
+
+def test_conv_products_gradient_twice():
+    """The products' custom gradient (the same convolutions, transposed matrices), and its own gradient
+    (create_graph), against float64 autograd of torch.matmul's products, on maps that take the swapped path."""
+    x64 = _x(30, 33, seed=4).requires_grad_()
+    x32 = x64.detach().float().requires_grad_()
+    grads = []
+    for x in (x64, x32):
+        g, = torch.autograd.grad(ideal_resample(x, (45, 29)).square().sum(), x, create_graph=True)
+        gg, = torch.autograd.grad(g.square().sum(), x)
+        grads.append((g.detach().double(), gg.double()))
+    for a, b in zip(*grads):
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
