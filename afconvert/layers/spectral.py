@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -235,8 +236,19 @@ def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int, n_out: int) -> torch.T
 # On a CPU, float32 products along the last dim run as 1 x 1 convolutions: oneDNN picks its kernels by the CPU's
 # instruction set, where MKL's GEMM (torch.matmul) takes its AVX2 kernels on non-Intel CPUs. With a transpose
 # between the two products (instead of a batched product of small matrices), 1.3-1.9x faster resampling on an
-# AMD EPYC with AVX-512, 1.1-1.3x with oneDNN held to AVX2 (docs/performance.md). False: torch.matmul throughout.
-CONV_PRODUCTS = [torch.backends.mkldnn.is_available()]
+# AMD EPYC with AVX-512, 1.1-1.3x with oneDNN held to AVX2 (docs/performance.md). False: torch.matmul throughout
+# (the environment's AFCONVERT_PRODUCTS=matmul).
+PRODUCTS_ENV = "AFCONVERT_PRODUCTS"
+
+
+def _products_from_env() -> bool:
+    value = os.environ.get(PRODUCTS_ENV, "onednn").strip().lower()
+    if value not in ("onednn", "matmul"):
+        raise ValueError(f"{PRODUCTS_ENV}={value!r}: unknown; fix: onednn (the default on a CPU) or matmul")
+    return value == "onednn" and torch.backends.mkldnn.is_available()
+
+
+CONV_PRODUCTS = [_products_from_env()]
 # Maps of at least this many samples per dim (in and out) take both products along the last dim, with a transpose
 # between; smaller ones keep the batched product for the other dim, which is faster there (16 -> 24 px: 2.1
 # against 4.6 ms for 8 x 1024 maps; 28 -> 42 px: 15.2 against 14.2 ms).

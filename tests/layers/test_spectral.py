@@ -1,5 +1,6 @@
 """Properties of the ideal filters and the band-limited shift (afconvert.layers.spectral)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -329,3 +330,18 @@ def test_conv_products_gradient_twice():
         grads.append((g.detach().double(), gg.double()))
     for a, b in zip(*grads):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("value,expected", [("matmul", "False"), ("fast", "unknown")])
+def test_products_chosen_by_the_environment(value, expected):
+    """AFCONVERT_PRODUCTS=matmul keeps torch.matmul for a whole process (e.g. on a CPU where MKL is the faster);
+    an unknown value is refused in one line that names the fix."""
+    import subprocess
+    import sys
+    env = {**os.environ, "AFCONVERT_PRODUCTS": value}
+    run = subprocess.run([sys.executable, "-c", "import afconvert.layers.spectral as s; print(s.CONV_PRODUCTS[0])"],
+                         env=env, capture_output=True, text=True)
+    out = run.stdout.strip() if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
+    assert expected in out and (run.returncode == 0) == (expected != "unknown"), out
+    if expected == "unknown":
+        assert "fix: onednn" in out
