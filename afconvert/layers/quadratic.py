@@ -63,10 +63,47 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     ``method`` as there). Exactly the 2x form for any x. Same shape as x; with ``out`` = n, R_n B(x) from the
     grid M = N + ceil(n / 2) (n along ``dims``)."""
     _, m, o = _grid(x, dims, out)
+    moved = _moved_dims(x, dims, m, method)
+    if moved is not None:
+        return _maps_back(band_limited_square(_maps_last(x, moved), (-2, -1), method, out), moved)
     t = keeps_transposed(x, m, dims, method)       # the M-grid map in the layout the products leave it in
     z = ideal_resample(x, m, dims, method, (False, t))
     z = z.square() if torch.is_grad_enabled() else z.square_()
     return ideal_resample(z, o, dims, method, (t, False))
+
+
+# Maps on other dims than the last two (channels-last) of at least this many samples per dim move to the last two
+# for the band-limited square and back (two copies of x's size): there they take the swapped products (CPU float32;
+# ``keeps_transposed``). Square of 8 x 384 channels-last maps: 56 px 67.9 -> 54.6 ms; 28 px 19.7 against 20.5.
+MOVE_MIN_SIZE = 56
+
+
+def _moved_dims(x: torch.Tensor, dims: Sequence[int], m: Sequence[int], method) -> tuple[int, int] | None:
+    """x's spatial dims (normalised) when its maps should move to the last two dims for the square, else None."""
+    d = tuple(v % x.ndim for v in dims)
+    if d == (x.ndim - 2, x.ndim - 1) or min(x.shape[v] for v in d) < MOVE_MIN_SIZE:
+        return None
+    return d if keeps_transposed(x.movedim(d, (-2, -1)), m, (-2, -1), method) else None
+
+
+def _maps_last(x: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+    return x.movedim(dims, (-2, -1)).contiguous()
+
+
+def _maps_back(y: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+    return y.movedim((-2, -1), dims).contiguous()
+
+
+def _square_vjp(h: torch.Tensor, xn: torch.Tensor, dims: Sequence[int], method, m: Sequence[int],
+                n: Sequence[int]) -> torch.Tensor:
+    """R_M^T ((R_M xn) * R_N^T h) (R_N: M grid -> h's size, R_M: n -> M): the vector-Jacobian product of
+    R_N((R_M xn)^2) / 2 with h, with the 3/2-grid maps in the layout their products leave them."""
+    moved = _moved_dims(xn, dims, m, method)
+    if moved is not None:
+        return _maps_back(_square_vjp(_maps_last(h, moved), _maps_last(xn, moved), (-2, -1), method, m, n), moved)
+    swap = keeps_transposed(xn, m, dims, method)
+    w = resample_adjoint(h, m, dims, method, (False, swap)).mul_(ideal_resample(xn, m, dims, method, (False, swap)))
+    return resample_adjoint(w, n, dims, method, (swap, False))
 
 
 def _kept(x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None) -> tuple[int, ...]:
@@ -203,10 +240,7 @@ class BandLimitedQuadratic(torch.autograd.Function):
                 count = math.prod([b.shape[d] for d in scale_dims])
                 dlds = (a0 * sg - (a2 / t.square()) * sgb).sum(scale_dims, keepdim=True)
                 xn, h = x / r, torch.mul(g, 2 * a2 / t).addcmul_(b, dlds / (count * t ** 3))
-            swap = keeps_transposed(xn, m, spatial_dims, method)     # the M-grid maps as the products leave them
-            w = resample_adjoint(h, m, spatial_dims, method, (False, swap)).mul_(
-                ideal_resample(xn, m, spatial_dims, method, (False, swap)))
-            gx = resample_adjoint(w, n, spatial_dims, method, (swap, False)).addcmul_(a1, pg)
+            gx = _square_vjp(h, xn, spatial_dims, method, m, n).addcmul_(a1, pg)
         if ctx.needs_input_grad[1]:
             const, quad = (sg, sgb) if r is None else (sg * (r * t), sgb * (r / t))     # sums of g s and g B / s
             terms = (const, pg * x, quad)

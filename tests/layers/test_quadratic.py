@@ -253,3 +253,28 @@ def test_resample_adjoint_is_the_gradient(method, size_in, size_out):
     assert torch.allclose(got, x.grad, atol=1e-13)
     x = x.detach()        # <R^T g, x> = <g, R x>
     assert math.isclose(float((got * x).sum()), float((g * ideal_resample(x, size_out)).sum()), rel_tol=1e-12)
+
+
+def test_channels_last_maps_move_for_the_square_and_back():
+    """Channels-last maps of MOVE_MIN_SIZE px and more take the square (forward and backward) on their maps moved
+    to the last two dims (the path is really taken): the same values and gradient as the float64 definition, and
+    the result laid out channels-last again."""
+    from unittest import mock
+
+    import afconvert.layers.quadratic as quadratic
+    size = (quadratic.MOVE_MIN_SIZE, quadratic.MOVE_MIN_SIZE + 3)
+    dims, cdim = LAYOUTS["nhwc"]
+    x64 = _map(*size, layout="nhwc", nyquist=False)
+    coef = torch.tensor([[0.1, 0.5, 0.3]] * 3, dtype=torch.float64)
+    g = torch.randn(x64.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref_x = x64.clone().requires_grad_()
+    ref = _reference(ref_x, coef, dims, cdim, (1, 2))
+    (ref * g).sum().backward()
+    x32 = x64.float().requires_grad_()
+    moves = mock.Mock(wraps=quadratic._maps_last)
+    with mock.patch.object(quadratic, "_maps_last", moves):
+        y = band_limited_quadratic(x32, coef.float(), dims, cdim, (1, 2))
+        (y * g.float()).sum().backward()
+    assert moves.call_count == 3       # x forward; g and x in backward
+    assert y.is_contiguous() and relative_change(y.detach().double(), ref.detach()) < 1e-5
+    assert relative_change(x32.grad.double(), ref_x.grad) < 1e-5
