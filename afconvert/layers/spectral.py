@@ -256,7 +256,7 @@ SWAP_MIN_SIZE = 28
 
 
 def _conv_products(x: torch.Tensor) -> bool:
-    return CONV_PRODUCTS[0] and x.device.type == "cpu" and _real_dtype(x) == torch.float32
+    return CONV_PRODUCTS[0] and x.device.type == "cpu" and _real_dtype(x) == torch.float32 and x.numel() > 0
 
 
 def _conv_product(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

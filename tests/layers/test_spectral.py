@@ -312,6 +312,16 @@ def test_conv_products_equal_matmul_in_every_layout(h, w, oh, ow, swapped_in, sw
         assert a.shape == b.shape and float((a - b).abs().max()) <= tol
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 30, 30), (2, 0, 30, 30), (0, 3, 5, 6)])
+def test_empty_batches_resample(shape):
+    """No maps at all (an empty batch or no channels): an empty result of the right shape, as torch.matmul gives
+    (a convolution over zero rows is refused)."""
+    from afconvert.layers.quadratic import band_limited_square
+    x = torch.randn(shape)
+    assert ideal_resample(x, (45, 44)).shape == (*shape[:2], 45, 44)
+    assert band_limited_square(x).shape == shape
+
+
 def test_transposed_layout_needs_the_last_two_dims():
     x = _x(6, 5).movedim(1, -1)   # channels last: the maps on dims (1, 2)
     with pytest.raises(ValueError, match="last two dims"):
