@@ -86,23 +86,36 @@ def _judge_conv(site: Site, options: Options) -> Judgement:
     if isinstance(conv, CircularConv2d):
         return Judgement(Verdict.EXACT, "stride-1 circular convolution")
     stride = tuple(conv.stride)
-    pad = conv.padding
-    reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
     problems = []
     if stride != (1, 1):
         problems.append(f"stride {stride[0] if stride[0] == stride[1] else stride} sub-samples below Nyquist")
     if type(conv) is Conv2dSame:
         problems.append("TF 'same' zero padding breaks circular equivariance")
-    elif any(reach) and conv.padding_mode != "circular":
-        unpadded = not isinstance(pad, str) and not any(pad)
-        if not unpadded:
-            problems.append(f"{'zero' if conv.padding_mode == 'zeros' else conv.padding_mode} padding "
-                            f"{pad if isinstance(pad, str) else tuple(pad)} breaks circular equivariance")
-        elif any(k > s for k, s in zip(conv.kernel_size, stride)):  # patchify (k <= s) reads no border
-            problems.append("unpadded ('valid') convolution treats the map as finite, not circular")
+    else:
+        problems.extend(_padding_problems(conv))
     if problems:
         return Judgement(Verdict.NOT, "; ".join(problems))
     return Judgement(Verdict.EXACT, "pointwise (1x1) or circular stride-1 convolution")
+
+
+def _padding_problems(conv: nn.Conv2d) -> list[str]:
+    """Why a convolution's padding is not circular over exactly its reach (the map's period kept), if it is not:
+    zero (or reflect, replicate) padding, a 'valid' convolution, or circular padding by more or less than the
+    kernel's reach (the output longer or shorter than the map)."""
+    reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    pad = conv.padding
+    total = list(reach) if pad == "same" else [0, 0] if pad == "valid" else [2 * p for p in pad]
+    if total == reach and (conv.padding_mode == "circular" or not any(reach)):
+        return []
+    if conv.padding_mode == "circular":
+        return [f"circular padding {tuple(pad) if not isinstance(pad, str) else pad} does not match the kernel's reach "
+                f"{tuple(reach)}: the output is not the map's period"]
+    if any(total):
+        return [f"{'zero' if conv.padding_mode == 'zeros' else conv.padding_mode} padding "
+                f"{pad if isinstance(pad, str) else tuple(pad)} breaks circular equivariance"]
+    if any(k > s for k, s in zip(conv.kernel_size, conv.stride)):  # patchify (k <= s) reads no border
+        return ["unpadded ('valid') convolution treats the map as finite, not circular"]
+    return []
 
 
 def _stem_activation_is_exact(pre: nn.Module, down: tuple[int, int]) -> bool:

@@ -52,6 +52,13 @@ def _judge_layernorm(site: Site, options: Options) -> Judgement:
         return Judgement(Verdict.EXACT, "mean over C, variance over C,H,W")
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input: already shift-invariant")
+    x, dim = site.x, _normalised_dim(site)
+    shape = getattr(site.module, "normalized_shape", None)
+    dims = range(len(x.roles) - len(shape), len(x.roles)) if x is not None and shape is not None and dim != 1 else \
+        [dim] if dim is not None else []
+    if x is None or any(x.roles[d] for d in dims):
+        return Judgement(Verdict.NOT, "normalises over a spatial dim with a weight per position: not "
+                                      "shift-equivariant")
     return Judgement(Verdict.INTEGER, "per-pixel normalisation divides by a per-pixel statistic (pointwise: exact "
                                       "for integer shifts only)")
 
@@ -66,6 +73,10 @@ def _chw(site: Site, options: Options) -> nn.Module | None:
 
 
 def _judge_kept(site: Site, options: Options) -> Judgement:
+    x = site.x
+    if x is not None and len(x.roles) > 1 and x.roles[1]:
+        return Judgement(Verdict.NOT, f"its channel dim (dim 1) is spatial ({x.roles[1]}): a statistic or affine "
+                                      f"weight per position, not shift-equivariant")
     return Judgement(Verdict.EXACT, "statistics over whole maps (or per-channel affine at eval): shift-invariant")
 
 

@@ -38,14 +38,60 @@ SHAPE_OPS = ("permute", "reshape", "view", "flatten", "transpose", "squeeze", "u
 PRODUCTS = (operator.mul, torch.mul, "mul", "mul_", torch.addcmul, "addcmul")
 SPATIAL_NORMS = ("norm", torch.norm, torch.linalg.vector_norm)
 QUOTIENTS = (operator.truediv, torch.div, "div", "div_")
-SPATIAL_MEANS = ("mean", torch.mean, F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d)
+SPATIAL_MEANS = ("mean", torch.mean)
 METADATA = ("size", "dim", getattr, "ndim")
 
 
 def _judge_linear_op(site: Site, options) -> Judgement:
     if site.output is not None and getattr(site.output, "mixed", False) and not _all_mixed_inputs(site):
         return Judgement(Verdict.NOT, "mixes spatial dims into one (flattens the map)")
+    resized = _resized(site)
+    if resized:
+        return Judgement(Verdict.NOT, resized)
+    positional = _positional_operand(site)
+    if positional:
+        return Judgement(Verdict.NOT, positional)
     return Judgement(Verdict.EXACT, "linear, pointwise in space")
+
+
+def _split_dim(site: Site) -> int:
+    """The dim a chunk / split / cat / stack acts on (its ``dim`` argument; 0 when not given)."""
+    args = site.node.args
+    position = 1 if site.op in ("cat", "stack") else 2
+    dim = site.node.kwargs.get("dim", args[position] if len(args) > position else 0)
+    return dim if isinstance(dim, int) else -10 ** 6
+
+
+def _resized(site: Site) -> str:
+    """Why an op that joins or splits tensors changes a spatial dim's length (cuts or extends the map), or ''."""
+    if site.op in ("chunk", "split", "cat", "stack"):
+        lay = site.output if site.op in ("cat", "stack") else site.x
+        if lay is None:
+            return ""
+        dim = _split_dim(site)
+        if dim == -10 ** 6:
+            return f"{site.op} along a computed dim: may cut or extend a spatial dim"
+        if site.op != "stack" and -len(lay.roles) <= dim < len(lay.roles) and lay.roles[dim]:
+            verb = "joins maps" if site.op == "cat" else "cuts the map"
+            return f"{site.op} along spatial dim {dim % len(lay.roles)} ({lay.roles[dim]}): {verb}, not one period"
+    return ""
+
+
+def _positional_operand(site: Site) -> str:
+    """Why an elementwise op with a fixed operand that varies along a spatial dim (a positional embedding, a
+    per-position weight) is not shift-equivariant, or ''."""
+    out = site.output
+    if out is None or not out.is_spatial:
+        return ""
+    for lay in site.inputs:
+        if lay is None or (lay.is_spatial and not lay.fixed):
+            continue
+        off = len(out.roles) - len(lay.shape)
+        for d, n in enumerate(lay.shape):
+            if n > 1 and 0 <= d + off < len(out.roles) and out.roles[d + off]:
+                return (f"an operand of shape {tuple(lay.shape)} that does not move with the input varies along "
+                        f"spatial dim {d + off} (a positional embedding or per-position weight): not shift-equivariant")
+    return ""
 
 
 def _all_mixed_inputs(site: Site) -> bool:
@@ -56,11 +102,15 @@ def _all_mixed_inputs(site: Site) -> bool:
 def _judge_shape(site: Site, options) -> Judgement:
     out = site.output
     if out is not None and hasattr(out, "mixed") and out.mixed:
-        return Judgement(Verdict.NOT, "flattens H and W together: later layers see positions, not a map")
+        return Judgement(Verdict.NOT, "a flattened map in a fully connected head: H and W merged or split, later layers "
+                                      "see positions, not a map")
     return Judgement(Verdict.EXACT, "layout change, H and W kept as dims")
 
 
 def _judge_product(site: Site, options) -> Judgement:
+    positional = _positional_operand(site)
+    if positional:
+        return Judgement(Verdict.NOT, positional)
     factors = site.inputs[1:] if site.op == "addcmul" else site.inputs  # addcmul(c, a, b) = c + a * b
     spatial = [lay for lay in factors if lay is not None and hasattr(lay, "is_spatial") and lay.is_spatial]
     if len(spatial) <= 1:
@@ -70,6 +120,9 @@ def _judge_product(site: Site, options) -> Judgement:
 
 
 def _judge_quotient(site: Site, options) -> Judgement:
+    positional = _positional_operand(site)
+    if positional:
+        return Judgement(Verdict.NOT, positional)
     divisor = site.inputs[1] if len(site.inputs) > 1 else None
     if divisor is None or not getattr(divisor, "is_spatial", False):
         return Judgement(Verdict.EXACT, "division by a spatially constant value")
@@ -101,19 +154,26 @@ def _judge_spatial_norm(site: Site, options) -> Judgement:
 
 
 def _judge_mean(site: Site, options) -> Judgement:
-    if site.output is not None and hasattr(site.output, "is_spatial") and not site.output.is_spatial:
+    if site.output is not None and not site.output.is_spatial:
         return Judgement(Verdict.EXACT, "global average over H, W: keeps only the DC bin, invariant")
-    if site.module is not None and isinstance(site.module, nn.AdaptiveAvgPool2d):
-        return Judgement(Verdict.NOT, "adaptive average pooling to a grid > 1x1 sub-samples")
-    return Judgement(Verdict.EXACT, "mean over non-spatial dims: pointwise in space")
+    return Judgement(Verdict.EXACT, "mean over non-spatial dims or along H or W alone: linear, commutes with shifts")
 
 
 def _judge_pool_wrapper(site: Site, options) -> Judgement:
-    pool = site.module
-    if pool.pool_type in ("avg", "fast", "fastavg") and site.output is not None and not site.output.is_spatial:
+    """timm's SelectAdaptivePool2d, by its pool type and what it leaves (its output size, its flatten)."""
+    pool, out = site.module, site.output
+    if not site.spatial:
+        return Judgement(Verdict.EXACT, "spatially constant input")
+    if not pool.pool_type:  # no pooling: the map itself, flattened or not
+        return _judge_shape(site, options)
+    if out is not None and out.is_spatial:
+        return Judgement(Verdict.NOT, f"'{pool.pool_type}' pooling to a grid larger than 1 x 1: the grid moves with the "
+                                      f"input by a fractional stride, not alias-free")
+    if pool.pool_type in ("avg", "fast", "fastavg"):
         return Judgement(Verdict.EXACT, "global average pooling: invariant")
-    return Judgement(Verdict.INTEGER if "max" in pool.pool_type else Verdict.NOT,
-                     f"global '{pool.pool_type}' pooling: invariant to integer shifts only")
+    if "max" in pool.pool_type:
+        return Judgement(Verdict.INTEGER, f"global '{pool.pool_type}' pooling: invariant to integer shifts only")
+    return Judgement(Verdict.UNKNOWN, f"global '{pool.pool_type}' pooling: no rule knows this pool type")
 
 
 def _judge_linear_layer(site: Site, options) -> Judgement:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from afconvert.converter.certify import (
     evaluating,
+    measure_invariance,
     native_input_size,
     numerics_check,
     shift_check,
@@ -30,7 +31,7 @@ from afconvert.converter.report import Finding, NotAliasFreeError, OutputFinding
 from afconvert.converter.rule import KEEP, Analysis, Judgement, Rule, Site, Verdict
 from afconvert.converter.tracing import trace
 
-__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "RuleConflictError", "DEFAULT_PROBE_SIZE"]
+__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "back_by_measurement", "RuleConflictError", "DEFAULT_PROBE_SIZE"]
 
 DEFAULT_PROBE_SIZE = (64, 64)
 
@@ -229,6 +230,7 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
     if check:
         sizes = check_sizes(model, input_size)
         report.numerics = numerics_check(model, sizes, in_chans, dtype=dtype)
+        back_by_measurement(model, report, input_size, in_chans)
         if report.stable:
             kwargs = {"shifts": shifts} if shifts else {}
             report.checks = [shift_check({"model": model}, size, in_chans, dtype=dtype, **kwargs) for size in sizes
@@ -239,6 +241,13 @@ def audit(model: nn.Module, input_size: Sequence[int] | None = None, in_chans: i
 def check_sizes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, int]]:
     """Where the empirical checks run: the small probe size and the model's native size."""
     return list(dict.fromkeys([tuple(int(v) for v in input_size), native_input_size(model)]))
+
+
+def back_by_measurement(model: nn.Module, report: Report, input_size: Sequence[int], in_chans: int) -> None:
+    """Where the analysis finds ``model`` exactly alias-free and its logits stable, measure it
+    (``measure_invariance``: float64, at ``input_size``) into ``report.measurement``: a certificate is both."""
+    if report.stable and report.graph_verdict is Verdict.EXACT:
+        report.measurement = measure_invariance(model, input_size, in_chans)
 
 
 def converted_numerics(model: nn.Module) -> dict:
@@ -320,9 +329,10 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     activation's polynomial is fitted per channel to its inputs on them) and that BatchNorm
     re-estimation uses when the recipe asks. The per-layer report is ``result.afconvert_report``; with
     ``check_numerics`` it includes the converted logits' size at ``input_size`` and the native size
-    (``numerics_check``; non-finite or exploding logits make the verdict ``UNSTABLE``). ``strict=True``
-    raises ``NotAliasFreeError`` naming the nodes that are not exactly alias-free, or the sizes where the
-    logits are unstable.
+    (``numerics_check``; non-finite or exploding logits make the verdict ``UNSTABLE``) and, where the analysis
+    finds it exact, the float64 shift measurement that backs the certificate (``back_by_measurement``; outputs
+    that move make the verdict ``CONTRADICTED``). ``strict=True`` raises ``NotAliasFreeError`` naming the nodes
+    that are not exactly alias-free, the sizes where the logits are unstable, or the measurement's disagreement.
     """
     rec = load_recipe(recipe, options, overrides, rules)
     input_size = tuple(input_size or DEFAULT_PROBE_SIZE)
@@ -357,10 +367,12 @@ def convert(model: nn.Module, recipe: str | Recipe = "afc", input_size: Sequence
     report = _conversion_report(out, rec, notes, swapped, kept, src_before, leaf_modules, rules)
     if check_numerics:
         report.numerics = converted_numerics(out)
+        back_by_measurement(out, report, input_size, in_chans)
     out.afconvert_report = report
-    if strict and (report.offenders or not report.stable):
+    if strict and (report.offenders or not report.stable or report.contradicted):
         parts = ([f"{len(report.offenders)} node(s) not exactly alias-free: {report.graph_verdict_text}"]
-                 if report.offenders else []) + ([report.instability] if not report.stable else [])
+                 if report.offenders else []) + ([report.instability] if not report.stable else []) + \
+            ([report.disagreement] if report.contradicted else [])
         raise NotAliasFreeError("strict: " + "; ".join(parts))
     return out
 

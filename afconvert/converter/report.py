@@ -77,6 +77,8 @@ class Report:
     numerics: dict | None = None    # max |logit| per input size (``numerics_check``)
     notes: list[str] = field(default_factory=list)
     outputs: list[OutputFinding] = field(default_factory=list)  # one per output tensor
+    measurement: dict | None = None  # the float64 shift measurement that backs an exact analysis
+                                     # (``certify.measure_invariance``); None when it did not run
 
     @property
     def stable(self) -> bool:
@@ -94,8 +96,38 @@ class Report:
 
     @property
     def verdict(self) -> Verdict:
-        """The worst node's verdict; ``UNSTABLE`` above all when the logits are not finite and bounded."""
-        return self.graph_verdict if self.stable else Verdict.UNSTABLE
+        """The worst node's verdict; ``UNSTABLE`` above all when the logits are not finite and bounded;
+        ``CONTRADICTED`` when the analysis finds it exact and the measurement sees its outputs move."""
+        if not self.stable:
+            return Verdict.UNSTABLE
+        return Verdict.CONTRADICTED if self.contradicted else self.graph_verdict
+
+    @property
+    def contradicted(self) -> bool:
+        """The analysis says exactly alias-free, and the measurement disagrees (or could not run)."""
+        return self.graph_verdict is Verdict.EXACT and self.measurement is not None and \
+            not self.measurement["agrees"]
+
+    @property
+    def certified(self) -> bool:
+        """A certificate is the analysis and the measurement: every node exact, the logits finite and bounded,
+        and the float64 measurement within rounding of exact."""
+        return self.verdict is Verdict.EXACT and self.measurement is not None and self.measurement["agrees"]
+
+    @property
+    def disagreement(self) -> str:
+        """One line on how the measurement contradicts the analysis ('' when it does not)."""
+        if not self.contradicted:
+            return ""
+        m = self.measurement
+        where = f"in float64 at {m['input_size'][0]}x{m['input_size'][1]}"
+        if m["error"]:
+            seen = f"the measurement could not run {where} ({m['error']})"
+        else:
+            seen = (f"the measurement disagrees: output '{m['output']}' moved by {m['worst']:.2e} of its largest value "
+                    f"under the shift {m['shift']} {where}, above the {m['tolerance']:g} that float64 rounding allows")
+        return (f"NOT certified: the analysis finds every node exactly alias-free but {seen}; a rule judged an op "
+                f"exact that is not: please report this model to afconvert")
 
     @property
     def instability(self) -> str:
@@ -134,6 +166,11 @@ class Report:
     @property
     def verdict_text(self) -> str:
         if self.stable:
+            if self.contradicted:
+                return self.disagreement
+            if self.graph_verdict is Verdict.EXACT and self.measurement is None:
+                return ("exactly alias-free by analysis, not measured (a certificate needs the measurement: "
+                        "convert with check_numerics=True, audit with check=True)")
             return self.graph_verdict_text
         graph = "every node exactly alias-free" if not self.offenders else \
             f"graph: {self.graph_verdict_text}"
@@ -158,6 +195,8 @@ class Report:
         lines.extend(f"note: {n}" for n in self.notes)
         if self.numerics is not None:
             lines.append(format_numerics(self.numerics))
+        if self.measurement is not None:
+            lines.append(format_measurement(self.measurement))
         lines.append("verdict: " + self.verdict_text)
         if len(self.outputs) > 1 or any(o.kind != "invariant" for o in self.outputs):
             lines.append(self.outputs_table())
@@ -187,7 +226,8 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "recipe": self.recipe, "verdict": self.verdict.value,
                 "verdict_text": self.verdict_text, "counts": self.counts(), "notes": self.notes,
-                "numerics": _json_numerics(self.numerics), "checks": self.checks,
+                "numerics": _json_numerics(self.numerics), "checks": self.checks, "measurement": self.measurement,
+                "certified": self.certified,
                 "findings": [f.to_dict() for f in self.findings], "outputs": [o.to_dict() for o in self.outputs]}
 
     def __str__(self) -> str:
@@ -211,6 +251,15 @@ def _magnitude(v: float | None) -> str:
 def format_numerics(numerics: dict) -> str:
     sizes = ", ".join(f"{k}: {_magnitude(v)}" for k, v in numerics["max_abs_logit"].items())
     return f"numerics ({numerics['dtype']}, standard-normal input, bound {numerics['bound']:g}): {sizes}"
+
+
+def format_measurement(m: dict) -> str:
+    head = f"measurement (float64, {m['input_size'][0]}x{m['input_size'][1]}, {len(m['shifts'])} shifts, tolerance " \
+        f"{m['tolerance']:g}): "
+    if m["error"]:
+        return head + f"could not run ({m['error']})"
+    return head + f"worst {m['worst']:.1e} (output '{m['output']}', shift {m['shift']}): " + \
+        ("agrees with the analysis" if m["agrees"] else "ABOVE the tolerance")
 
 
 def format_check(check: dict) -> str:

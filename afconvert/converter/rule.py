@@ -51,6 +51,7 @@ class Verdict(str, enum.Enum):
     APPROX = "approximate"     # aliases, but by a bounded / small amount
     NOT = "not alias-free"     # aliases
     UNKNOWN = "unknown"        # no rule knows this op: never certified
+    CONTRADICTED = "contradicted by measurement"  # (a whole model) judged exact, but its outputs move: never certified
     UNSTABLE = "numerically unstable"  # (a whole model) non-finite or exploding logits: never certified
 
     @property
