@@ -166,9 +166,10 @@ def _judge_pool_wrapper(site: Site, options) -> Judgement:
         return Judgement(Verdict.EXACT, "spatially constant input")
     if not pool.pool_type:  # no pooling: the map itself, flattened or not
         return _judge_shape(site, options)
-    if out is not None and out.is_spatial:
-        return Judgement(Verdict.NOT, f"'{pool.pool_type}' pooling to a grid larger than 1 x 1: the grid moves with the "
-                                      f"input by a fractional stride, not alias-free")
+    size = getattr(pool.pool, "output_size", 1)
+    if (out is not None and out.is_spatial) or size not in (1, (1, 1), [1, 1]):
+        return Judgement(Verdict.NOT, f"'{pool.pool_type}' pooling to a {size} grid: the grid moves with the input by a "
+                                      f"fractional stride, not alias-free")
     if pool.pool_type in ("avg", "fast", "fastavg"):
         return Judgement(Verdict.EXACT, "global average pooling: invariant")
     if "max" in pool.pool_type:

@@ -73,7 +73,7 @@ def _main(argv: Sequence[str]) -> int:
             check = shift_check({"original": built.source, "converted": built.converted}, size, info.in_chans)
             report.checks.append(check)
             print(format_check(check))
-    if args.strict and (report.offenders or not report.stable):
+    if args.strict and (report.offenders or not report.stable or report.contradicted):
         raise NotAliasFreeError("strict: " + report.verdict_text)
     save(built.converted, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); load with afconvert.load('{out}')")

@@ -8,7 +8,7 @@ H dim, one that changes with W is W, one that changes with both is a flattened m
 A dim of fixed length can still hold positions: an adaptive pool to a k x k grid, a resize to a
 given size, a window split off H, everything after a node that runs at one size only. So size alone
 never makes a tensor spatially constant: a second pass carries each input's spatial dims through
-the graph by shape (``_carry_roles``): kept where an op keeps the rank (a pool to 7 x 7 keeps H and
+the graph by shape (``_carry``): kept where an op keeps the rank (a pool to 7 x 7 keeps H and
 W), mapped through reshapes and permutes, dropped only where an op reduces the dims away or a
 fully connected layer consumes a flattened map, and where the tensor is measured constant along
 the dim (a global mean broadcast to a grid). A tensor none of whose dims holds positions is

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from afconvert.converter.engine import DEFAULT_PROBE_SIZE, convert, converted_numerics
+from afconvert.converter.engine import DEFAULT_PROBE_SIZE, back_by_measurement, convert, converted_numerics
 from afconvert.converter.recipe import Recipe
 from afconvert.data import load_images
 from afconvert.sources import official_afc
@@ -63,7 +63,10 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
                 raise ModelSourceError(f"official AFC checkpoint {weights} does not fit the paper configuration "
                                        f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
                                        ) from exc
-            converted.afconvert_report.numerics = converted_numerics(converted)  # of the official weights
+            report = converted.afconvert_report
+            report.numerics = converted_numerics(converted)  # of the official weights
+            info = converted.afconvert_info
+            back_by_measurement(converted, report, info.input_size, info.in_chans)
             spec.weights = f"official AFC checkpoint {weights} ('model' entry)"
             notes.append(f"official AFC checkpoint recognised: depths {arch['depths']}, dims {arch['dims']}, "
                          f"{arch['num_classes']} classes")
