@@ -274,14 +274,18 @@ def image_mode(cfg: dict) -> str:
     return "L" if cfg["input_size"][0] == 1 else "RGB"
 
 
-def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int = 64, flag: str = "--calibration"):
-    """Up to ``limit`` readable images under ``folder`` with the model's timm eval transform at ``input_size``
-    (resize, centre crop, its mean/std): ((N, C, H, W) tensor, number of unreadable files skipped)."""
+def load_images(folder: str | Path, model, input_size: Sequence[int], limit: int = 64, flag: str = "--calibration",
+                interpolation: str | None = None):
+    """Up to ``limit`` readable images under ``folder`` (an IDX folder: its training split) with the model's timm
+    eval transform at ``input_size`` (the whole image resized, with the model's interpolation unless
+    ``interpolation`` says, and its mean/std): ((N, C, H, W) tensor, number of unreadable files skipped)."""
     import torch
     from timm.data import create_transform
 
     cfg = data_config(model)
     cfg.update(input_size=(cfg["input_size"][0], *input_size), crop_pct=1.0)
+    if interpolation is not None:
+        cfg["interpolation"] = interpolation
     transform = create_transform(**cfg)
     images, skipped = [], 0
     idx = _idx_samples(folder, "train", flag)

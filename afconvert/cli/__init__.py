@@ -5,6 +5,7 @@
     afconvert eval MODEL_OR_CHECKPOINT [MORE ...] --data DIR [--metrics ...] [--grid ...] [--json] [--plot FILE]
     afconvert finetune STUDENT --data DIR --output DIR [--steps N] [--resume] ...   (also under torchrun)
     afconvert train MODEL --recipe R --data DIR --output DIR [--epochs N] [--resume] ...   (also under torchrun)
+    afconvert recover MODEL_OR_CHECKPOINT --data DIR --out FILE [--input-size H W] [--images N] ...
     afconvert bench MODEL [--recipe afc] [--batch-size 8] [--input-size H W] [--device cpu] [--train] [--compile]
                           [--resample auto|fft|matmul] [--profile N] [--json]
     afconvert export MODEL_OR_CHECKPOINT --onnx FILE [--input-size H W] [--no-check]
@@ -21,7 +22,7 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = ("audit", "eval", "recipes", "finetune", "train", "bench", "export")   # each a module here
+COMMANDS = ("audit", "eval", "recipes", "finetune", "train", "bench", "export", "recover")   # each a module here
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,22 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _source_of(student, path: str):
-    """The source model of a converted checkpoint, with the student's own weights (its teacher)."""
-    from afconvert.sources.models import create_source_model
-    from afconvert.train.finetune import FinetuneError
-    src = student.afconvert_info.source or {}
-    teacher, _ = create_source_model(f"{src.get('library', 'timm')}:{src.get('name')}", pretrained=False,
-                                     **src.get("kwargs", {}))
-    own, mine = teacher.state_dict(), student.state_dict()
-    bad = [k for k, v in own.items() if k not in mine or mine[k].shape != v.shape]
-    if bad:
-        raise FinetuneError(f"cannot rebuild the teacher from {path} ({len(bad)} of its weights, e.g. {bad[0]}, are "
-                            f"not in the student); fix: pass --teacher NAME --teacher-weights FILE")
-    teacher.load_state_dict({k: mine[k] for k in own}, strict=True)
-    return teacher
-
-
 def _models(args):
     """(student, teacher) as the arguments say."""
     from afconvert.sources.models import create_source_model
@@ -58,7 +42,8 @@ def _models(args):
                        calibration=args.calibration, **kwargs)
     student, teacher = resolved.model, resolved.source
     if resolved.checkpoint and args.teacher is None:
-        teacher = _source_of(student, args.student)
+        from afconvert.sources.pipeline import source_of
+        teacher = source_of(student, args.student, fix="pass --teacher NAME --teacher-weights FILE")
     if args.teacher is not None:
         n = args.teacher_num_classes or args.num_classes
         teacher_kwargs = {**kwargs, **({"num_classes": n} if n is not None else {})}

@@ -18,7 +18,7 @@ from afconvert.sources.models import (
     read_state_dict,
 )
 
-__all__ = ["Built", "build", "rebuild"]
+__all__ = ["Built", "build", "rebuild", "source_of"]
 
 
 @dataclass
@@ -91,3 +91,20 @@ def rebuild(spec: SourceSpec, recipe: "str | Recipe", input_size: Sequence[int])
     converted = convert(source, recipe, input_size=input_size, check_numerics=False)  # its weights are replaced
     _attach(converted, spec)
     return converted
+
+
+def source_of(converted: nn.Module, path: str, fix: str) -> nn.Module:
+    """The source model of a converted checkpoint (read from ``path``), rebuilt by name with the converted model's
+    own kept weights: for a checkpoint written by conversion, the original. ``fix``: what the error suggests
+    when the weights do not fit."""
+    from afconvert.sources.models import create_source_model
+    src = converted.afconvert_info.source or {}
+    teacher, _ = create_source_model(f"{src.get('library', 'timm')}:{src.get('name')}", pretrained=False,
+                                     **src.get("kwargs", {}))
+    own, mine = teacher.state_dict(), converted.state_dict()
+    bad = [k for k, v in own.items() if k not in mine or mine[k].shape != v.shape]
+    if bad:
+        raise ModelSourceError(f"cannot rebuild the source model from {path} ({len(bad)} of its weights, e.g. "
+                               f"{bad[0]}, are not in the converted model); fix: {fix}")
+    teacher.load_state_dict({k: mine[k] for k in own}, strict=True)
+    return teacher.eval()

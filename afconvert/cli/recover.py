@@ -1,0 +1,91 @@
+"""``afconvert recover SOURCE --data DIR --out FILE``: a converted model fitted back to its source on unlabelled
+images of the user's domain (``afconvert.train.recover``), certified and written as a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from afconvert.cli.common import add_model_arguments, check_output_path, guarded, model_kwargs
+
+__all__ = ["run"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="afconvert recover",
+        description="Convert a model (or take a converted checkpoint) and fit it back to its source, block by block, "
+                    "on unlabelled images of your domain; print fidelity to the source (pre-logit feature cosine, "
+                    "top-1 agreement) on images of the folder it did not fit on, before and after; write the "
+                    "certified result. Started again with the same --out after an interruption, it resumes.")
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="unlabelled images: any folder of images (any depth), "
+                   "or an IDX folder (its training split)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the recovered checkpoint (afconvert.load)")
+    p.add_argument("--recipe", default="afc", help="recipe for a model given by name (default afc)")
+    p.add_argument("--images", type=int, default=1024, help="images to fit on (default 1024)")
+    p.add_argument("--held-out", type=int, default=256, help="images of the folder kept out of the fit, to measure "
+                   "fidelity on (default 256)")
+    p.add_argument("--steps", type=int, default=60, help="Adam steps per block (default 60)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate per block (default 1e-3, cosine-annealed)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--interpolation", default="bilinear", help="how images are resized to the input size (default "
+                   "bilinear; the whole image, the model's normalisation)")
+    return p
+
+
+def _models(args):
+    """(student: converted, teacher: its source) as the arguments say."""
+    from afconvert.sources.pipeline import source_of
+    from afconvert.sources.resolve import resolve
+    resolved = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
+                       input_size=args.input_size, **model_kwargs(args))
+    student, teacher = resolved.model, resolved.source
+    if resolved.checkpoint:
+        teacher = source_of(student, args.model, fix="recover a checkpoint written by conversion (afconvert NAME "
+                                                     "--out FILE), or give the model's name")
+    print(f"source: {resolved.description}")
+    return student, teacher.eval()
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    check_output_path(args.out, "--out", "recovered.pt")
+    from afconvert.sources.names import check_name
+    if not Path(args.model).is_file():
+        check_name(args.model)  # before importing torch: a misspelled name fails at once
+
+    from afconvert.converter.engine import audit
+    from afconvert.data import data_config, load_images
+    from afconvert.sources.checkpoint import save
+    from afconvert.train.recover import RecoverConfig, recover, split_held_out
+
+    import torch
+    t0 = time.perf_counter()
+    torch.manual_seed(0)    # random weights (--no-pretrained) and the fit are the same in a resumed run
+    student, teacher = _models(args)
+    size = tuple(args.input_size) if args.input_size else tuple(data_config(student)["input_size"][1:])
+    images, skipped = load_images(args.data, student, size, limit=args.images + args.held_out, flag="--data",
+                                  interpolation=args.interpolation)
+    fit, held = split_held_out(images, min(args.held_out, len(images) // 2))
+    print(f"{len(fit)} images to fit on, {len(held)} held out, at {size[0]}x{size[1]}" +
+          (f" ({skipped} unreadable skipped)" if skipped else ""))
+    cfg = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    out = Path(args.out)
+    result = recover(student, teacher, fit, held, cfg, state=out.with_name(out.name + ".partial"),
+                     log=lambda msg: print(msg, file=sys.stderr))
+    report = audit(student, input_size=student.afconvert_info.input_size)
+    student.afconvert_report = report
+    b, a = result["before"], result["after"]
+    print(f"fidelity to the source on {len(held)} held-out images: feature cosine {b['cosine']:.3f} -> "
+          f"{a['cosine']:.3f}, top-1 agreement {b['agreement']:.3f} -> {a['agreement']:.3f}")
+    print(f"verdict: {report.verdict_text}")
+    save(student, out)
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s; load with afconvert.load('{out}')")
+    return 0 if report.certified else 1
+
+
+def run(argv: Sequence[str]) -> int:
+    return guarded("afconvert recover", _main, argv)
