@@ -21,7 +21,7 @@ from typing import Sequence
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "list_images", "find_images", "read_class_map", "class_indices",
            "open_image", "image_mode", "data_config", "set_data_config", "load_images", "ImageDataset",
-           "training_samples", "read_idx", "idx_split", "ArrayImage"]
+           "training_samples", "read_idx", "write_idx", "idx_split", "ArrayImage"]
 
 
 class DataError(ValueError):
@@ -92,6 +92,18 @@ class ArrayImage:
     def name(self) -> str:
         """What messages call it, as they call a file by its name."""
         return f"image {self.index}"
+
+
+def write_idx(path: str | Path, array) -> None:
+    """Write a uint8 array (N, H, W) of images or (N,) of labels as an IDX file (the MNIST family's format;
+    gzipped when ``path`` ends in .gz), atomically."""
+    import gzip
+
+    import numpy as np
+    from afconvert.atomic import atomic_write
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
+    atomic_write(path, gzip.compress(raw, compresslevel=1) if str(path).endswith(".gz") else raw)
 
 
 def idx_split(root: str | Path, split: str = "train", flag: str = "--data"):

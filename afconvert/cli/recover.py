@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1024, help="images to fit on (default 1024)")
     p.add_argument("--held-out", type=int, default=256, help="images of the folder kept out of the fit, to measure "
                    "fidelity on (default 256)")
+    p.add_argument("--calibration", type=int, default=256, metavar="N", help="a model given by name: fit each "
+                   "activation per channel on N of the images first (default 256; 0: the recipe's fit)")
     p.add_argument("--steps", type=int, default=60, help="Adam steps per block (default 60)")
+    p.add_argument("--distill-steps", type=int, default=150, help="end-to-end steps after the blocks, on the "
+                   "pre-logit features and the logits (default 150; 0: none)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate per block (default 1e-3, cosine-annealed)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--interpolation", default="bilinear", help="how images are resized to the input size (default "
@@ -36,18 +40,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _models(args):
-    """(student: converted, teacher: its source) as the arguments say."""
-    from afconvert.sources.pipeline import source_of
+def _models(args, calibration):
+    """(student: converted, teacher: its source) as the arguments say; a model given by name is converted with
+    its activations fitted on ``calibration`` (images, or None)."""
+    from afconvert.sources.pipeline import build, source_of
     from afconvert.sources.resolve import resolve
-    resolved = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
-                       input_size=args.input_size, **model_kwargs(args))
-    student, teacher = resolved.model, resolved.source
-    if resolved.checkpoint:
-        teacher = source_of(student, args.model, fix="recover a checkpoint written by conversion (afconvert NAME "
-                                                     "--out FILE), or give the model's name")
-    print(f"source: {resolved.description}")
-    return student, teacher.eval()
+    if Path(args.model).is_file():
+        student = resolve(args.model).model
+        return student, source_of(student, args.model, fix="recover a checkpoint written by conversion (afconvert "
+                                                            "NAME --out FILE), or give the model's name")
+    built = build(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
+                  input_size=args.input_size, calibration=calibration, **model_kwargs(args))
+    return built.converted, built.source.eval()
+
+
+def _images(args):
+    """The folder's images as the model sees them (the source's data config; a checkpoint's own), at the input
+    size: (images, size, unreadable files skipped)."""
+    from afconvert.data import data_config, load_images
+    from afconvert.sources.resolve import resolve
+    model = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, **model_kwargs(args)).model
+    size = tuple(args.input_size) if args.input_size else tuple(data_config(model)["input_size"][1:])
+    images, skipped = load_images(args.data, model, size, limit=args.images + args.held_out, flag="--data",
+                                  interpolation=args.interpolation)
+    print(f"source: {args.model}; {len(images)} images at {size[0]}x{size[1]}" +
+          (f" ({skipped} unreadable skipped)" if skipped else ""))
+    return images, size
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -58,21 +76,19 @@ def _main(argv: Sequence[str]) -> int:
         check_name(args.model)  # before importing torch: a misspelled name fails at once
 
     from afconvert.converter.engine import audit
-    from afconvert.data import data_config, load_images
     from afconvert.sources.checkpoint import save
     from afconvert.train.recover import RecoverConfig, recover, split_held_out
 
     import torch
     t0 = time.perf_counter()
     torch.manual_seed(0)    # random weights (--no-pretrained) and the fit are the same in a resumed run
-    student, teacher = _models(args)
-    size = tuple(args.input_size) if args.input_size else tuple(data_config(student)["input_size"][1:])
-    images, skipped = load_images(args.data, student, size, limit=args.images + args.held_out, flag="--data",
-                                  interpolation=args.interpolation)
+    images, size = _images(args)
     fit, held = split_held_out(images, min(args.held_out, len(images) // 2))
-    print(f"{len(fit)} images to fit on, {len(held)} held out, at {size[0]}x{size[1]}" +
-          (f" ({skipped} unreadable skipped)" if skipped else ""))
-    cfg = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    torch.manual_seed(0)
+    student, teacher = _models(args, fit[:args.calibration] if args.calibration else None)
+    print(f"{len(fit)} images to fit on, {len(held)} held out" +
+          (f"; activations fitted on {min(args.calibration, len(fit))} of them" if args.calibration else ""))
+    cfg = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, distill_steps=args.distill_steps)
     out = Path(args.out)
     result = recover(student, teacher, fit, held, cfg, state=out.with_name(out.name + ".partial"),
                      log=lambda msg: print(msg, file=sys.stderr))

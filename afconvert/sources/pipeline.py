@@ -36,7 +36,7 @@ def _attach(converted: nn.Module, spec: SourceSpec) -> None:
 
 def build(name: str, weights: str | Path | None = None, pretrained: bool = True, recipe: str = "afc",
           input_size: Sequence[int] | None = None, options: dict | None = None,
-          calibration: str | Path | None = None, **model_kwargs) -> Built:
+          calibration: "str | Path | torch.Tensor | None" = None, **model_kwargs) -> Built:
     """Create source model ``name`` with its weights and convert it.
 
     An official AFC checkpoint given as ``weights`` is recognised by its layout: the source is
@@ -75,8 +75,8 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
     source, spec = create_source_model(name, weights=weights, pretrained=pretrained, **model_kwargs)
     if spec.name != name.split(":")[-1]:
         notes.append(f"'{name}' built as timm '{spec.name}' ({spec.weights})")
-    images = None
-    if calibration is not None:
+    images = calibration if not isinstance(calibration, (str, Path)) else None   # a tensor of images, or None
+    if isinstance(calibration, (str, Path)):
         images, skipped = load_images(calibration, source, tuple(input_size or DEFAULT_PROBE_SIZE))
         if skipped:
             notes.append(f"{skipped} unreadable calibration image(s) under {calibration} skipped")

@@ -5,15 +5,18 @@ Fashion-MNIST: 85.5 % original, 62.3 % converted, 69 % random init): every repla
 different function, and the differences compound with depth. Recovery needs data, and the data a user always
 has is unlabelled images of their own domain. ``recover`` fits the converted model (the student) to the
 source (the teacher) on them, block by block (``reconstruct``: each block maps the input it receives in the
-student to the teacher block's output), then measures fidelity on images of the same folder it did not fit
-on: the cosine of the pre-logit features and the top-1 agreement of the logits. Only weights change, never
-a layer's class: the result stays exactly alias-free.
+student to the teacher block's output), then end to end (``distill``: the pre-logit features, each scaled by
+the teacher's spread of it, and the logits at a temperature), and measures fidelity on images of the same folder
+it did not fit on: the cosine of the pre-logit features and the top-1 agreement of the logits. Only weights
+change, never a layer's class: the result stays exactly alias-free. What each phase buys, measured on
+Fashion-MNIST with EfficientNet-Lite0's ImageNet weights: docs/results.md.
 
 A run writes its state after every block (``OUT.partial``, atomically): started again with the same output it
-resumes after the last finished block.
+resumes after the last finished block (a run stopped in the end-to-end phase starts that phase again).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from afconvert.atomic import atomic_torch_save
 from afconvert.train.reconstruct import reconstruct, reconstruction_units
@@ -39,6 +43,11 @@ class RecoverConfig:
     steps: int = 60                 # Adam steps per block, one batch each
     lr: float = 1e-3                # per block, cosine-annealed over its steps
     batch_size: int = 32
+    reconstruct_images: int = 512   # of the images, those the blocks are fitted on (the end-to-end phase sees all)
+    distill_steps: int = 150        # then end to end: AdamW steps on the pre-logit features and the logits (0: none)
+    distill_lr: float = 2e-4        # 5 % warm-up, then cosine
+    distill_temperature: float = 2.0
+    freeze: int = 4                 # the first blocks, already close, stay as reconstructed in the end-to-end phase
     seed: int = 0
 
 
@@ -80,6 +89,62 @@ def fidelity(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch
     return {"cosine": float(cos.mean()), "agreement": float((sl.argmax(1) == tl.argmax(1)).float().mean())}
 
 
+class _Features:
+    """Keeps the classifier's input of each forward (differentiable)."""
+
+    def __init__(self, model: nn.Module):
+        self.seen: list[torch.Tensor] = []
+        self.handle = _classifier(model).register_forward_pre_hook(lambda mod, args: self.seen.append(args[0]))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.clear()
+        logits = model(x)
+        return self.seen[-1].flatten(1), logits
+
+
+def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: RecoverConfig, units: Sequence[str],
+            log: Callable[[str], None] = print) -> list[float]:
+    """End-to-end fit of ``student`` (in place, BatchNorm statistics kept) to ``teacher`` on ``images``:
+    mean over features of ((f_s - f_t) / sigma_t)^2 (sigma_t: the teacher's spread of each pre-logit feature,
+    at least a tenth of their mean) + T^2 KL(softmax(z_t / T) || softmax(z_s / T)), AdamW, 5 % warm-up then
+    cosine, gradients clipped at 5. The first ``cfg.freeze`` of ``units`` are not trained. Returns the losses."""
+    tf, tl = pre_logits(teacher, images, cfg.batch_size)
+    sigma = tf.std(0)
+    sigma = sigma.clamp_min(0.1 * float(sigma.mean()))
+    frozen = {id(p) for u in units[:cfg.freeze] for p in student.get_submodule(u).parameters()}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
+    opt = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=0.0)
+    warm = max(1, cfg.distill_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) / warm if k < warm else
+                                              0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.distill_steps - warm))))
+    grab, t = _Features(student), cfg.distill_temperature
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    was, losses, t0 = student.training, [], time.perf_counter()
+    student.eval()
+    try:
+        for step in range(cfg.distill_steps):
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
+            sf, sl = grab(student, images[idx])
+            kl = F.kl_div(F.log_softmax(sl.float() / t, 1), F.log_softmax(tl[idx] / t, 1), reduction="batchmean",
+                          log_target=True)
+            loss = ((sf.float() - tf[idx]) / sigma).square().mean() + t * t * kl
+            if not torch.isfinite(loss):
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % 25 == 0 or step + 1 == cfg.distill_steps:
+                log(f"distill step {step + 1}/{cfg.distill_steps}: loss {losses[-1]:.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    finally:
+        grab.handle.remove()
+        student.train(was)
+    return losses
+
+
 def matched_units(student: nn.Module, teacher: nn.Module) -> list[str]:
     """The student's reconstruction units that the teacher has under the same name (its blocks, in forward
     order); refuses a pair with none in common."""
@@ -111,9 +176,9 @@ def _read_state(path: Path, units: list[str], student: nn.Module) -> list[str]:
 def recover(student: nn.Module, teacher: nn.Module, images: torch.Tensor, held_out: torch.Tensor,
             cfg: RecoverConfig, state: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Fit ``student`` (in place) to ``teacher`` on the unlabelled ``images`` (N, C, H, W), block by block;
-    measure ``fidelity`` on ``held_out`` before and after. ``state``: where to keep the progress after each
-    block (resumed from when present; removed at the end). Returns {"before", "after", "blocks" (per block:
-    relative error before and after), "seconds"}."""
+    then end to end (``distill``); measure ``fidelity`` on ``held_out`` before and after. ``state``: where to
+    keep the progress after each block (resumed from when present; removed at the end). Returns {"before",
+    "after", "blocks" (per block: relative error before and after), "seconds"}."""
     t0 = time.perf_counter()
     units = matched_units(student, teacher)
     reference = pre_logits(teacher, held_out, cfg.batch_size)
@@ -124,14 +189,16 @@ def recover(student: nn.Module, teacher: nn.Module, images: torch.Tensor, held_o
     done = _read_state(state, units, student) if state is not None else []
     if done:
         log(f"resuming after {len(done)} of {len(units)} blocks ({state})")
-    batches = list(torch.split(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))],
-                               cfg.batch_size))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    batches = list(torch.split(images[order[:cfg.reconstruct_images]], cfg.batch_size))
     rows = []
     for unit in units[len(done):]:
         rows += reconstruct(student, teacher, batches, steps=cfg.steps, lr=cfg.lr, units=[unit], log=log)
         done.append(unit)
         if state is not None:
             atomic_torch_save(state, {"done": done, "state_dict": student.state_dict(), "config": asdict(cfg)})
+    if cfg.distill_steps:   # not checkpointed: a run killed here resumes from the last block
+        distill(student, teacher, images, cfg, units, log)
     after = fidelity(student, teacher, held_out, cfg.batch_size, reference)
     log(f"fidelity after: feature cosine {after['cosine']:.3f}, top-1 agreement {after['agreement']:.3f}")
     if state is not None:
@@ -146,7 +213,3 @@ def split_held_out(images: torch.Tensor, held_out: int, seed: int = 0) -> tuple[
                            f"give more images, or fewer --held-out")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[held_out:]], images[order[:held_out]]
-
-
-def stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(images))
