@@ -1,6 +1,7 @@
 """Real ImageNet weights carried to a user's own data: EfficientNet-Lite0 -> Fashion-MNIST (RGB, 96 x 96).
 
     python examples/transfer.py --out DIR [--quick] [--data /usr/share/datasets/fashion-mnist]
+    python examples/transfer.py --probe r.pt [--quick]      # the probe of a checkpoint (afconvert recover's)
 
 Four rows, the same labelled fine-tuning budget for each (timm's AdamW, cosine schedule, labels only):
 
@@ -56,7 +57,7 @@ class Budget:
 
 
 FULL = Budget(labelled=10000, unlabelled=1024, test=10000, certify=500, steps=940, recover_steps=60)
-QUICK = Budget(labelled=2000, unlabelled=512, test=2000, certify=100, steps=60, recover_steps=30, probe=1000)
+QUICK = Budget(labelled=2000, unlabelled=512, test=1000, certify=50, steps=40, recover_steps=20, probe=1000)
 
 
 def tensors(images: np.ndarray) -> torch.Tensor:
@@ -118,14 +119,15 @@ def labelled_folder(out: Path, train, test, budget: Budget, rng) -> tuple[Path, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default="transfer")
+    p.add_argument("--probe", metavar="CHECKPOINT", help="only the linear probe of this checkpoint and the original's")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     budget, out, rng = (QUICK if args.quick else FULL), Path(args.out), np.random.default_rng(0)
     torch.manual_seed(0)
     train, test = idx_split(args.data, "train")[:2], idx_split(args.data, "test")[:2]
-    data, labelled = labelled_folder(out, train, test, budget, rng)
+    data, labelled = labelled_folder(out / "probe" if args.probe else out, train, test, budget, rng)
     rest = np.setdiff1d(np.arange(len(train[0])), labelled)
     unlabelled = tensors(train[0][rng.choice(rest, budget.unlabelled + 256, replace=False)])
     probe_train = (tensors(train[0][labelled[:budget.probe]]), torch.from_numpy(train[1][labelled[:budget.probe]]))
@@ -136,16 +138,22 @@ def main() -> None:
         return linear_probe(features(model, probe_train[0]), probe_train[1].long(), features(model, probe_test[0]),
                             probe_test[1])
 
+    if args.probe:
+        for label, model in (("original", afconvert.build("efficientnet_lite0", recipe="none").converted),
+                             (args.probe, afconvert.load(args.probe))):
+            print(f"linear probe of {label}: {100 * probe(model):.2f} % ({budget.probe} + {budget.probe} images)")
+        return
     rows = {}
+    fit, held = split_held_out(unlabelled, 256)
     for name in ("a", "b", "c", "d"):
         t0 = time.perf_counter()
         recipe = "none" if name == "a" else "afc"
-        built = afconvert.build("efficientnet_lite0", pretrained=name != "d", recipe=recipe, input_size=SIZE)
+        built = afconvert.build("efficientnet_lite0", pretrained=name != "d", recipe=recipe, input_size=SIZE,
+                                calibration=fit[:256] if name == "b" else None)
         model, row = built.converted, {"recipe": recipe}
         if name == "b":
-            fit, held = split_held_out(unlabelled, 256)
-            result = recover(model, built.source.eval(), fit, held, RecoverConfig(steps=budget.recover_steps),
-                             state=out / "recovered.pt.partial")
+            cfg = RecoverConfig(steps=budget.recover_steps, distill_steps=150 if budget is FULL else 50)
+            result = recover(model, built.source.eval(), fit, held, cfg, state=out / "recovered.pt.partial")
             row["recovery"] = {"before": result["before"], "after": result["after"], "seconds": result["seconds"]}
             model.afconvert_report = afconvert.audit(model, input_size=SIZE)
             afconvert.save(model, out / "recovered.pt")
