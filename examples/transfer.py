@@ -152,7 +152,7 @@ def main() -> None:
                                 calibration=fit[:256] if name == "b" else None)
         model, row = built.converted, {"recipe": recipe}
         if name == "b":
-            cfg = RecoverConfig(steps=budget.recover_steps, distill_steps=150 if budget is FULL else 50)
+            cfg = RecoverConfig(steps=budget.recover_steps, distill_steps=150 if budget is FULL else 30)
             result = recover(model, built.source.eval(), fit, held, cfg, state=out / "recovered.pt.partial")
             row["recovery"] = {"before": result["before"], "after": result["after"], "seconds": result["seconds"]}
             model.afconvert_report = afconvert.audit(model, input_size=SIZE)
