@@ -16,9 +16,10 @@ __all__ = ["run"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="afconvert recover",
-        description="Convert a model (or take a converted checkpoint) and fit it back to its source, block by block, "
-                    "on unlabelled images of your domain; print fidelity to the source (pre-logit feature cosine, "
-                    "top-1 agreement) on images of the folder it did not fit on, before and after; write the "
+        description="Convert a model (or take a converted checkpoint) and fit it back to its source on unlabelled "
+                    "images of your domain: its activations fitted per channel, then block by block, then end to "
+                    "end on the pre-logit features and logits. Prints fidelity to the source (feature cosine, top-1 "
+                    "agreement) on images of the folder it did not fit on, before and after, and writes the "
                     "certified result. Started again with the same --out after an interruption, it resumes.")
     add_model_arguments(p)
     p.add_argument("--data", required=True, metavar="DIR", help="unlabelled images: any folder of images (any depth), "
