@@ -142,10 +142,11 @@ def _judge_adaptive(site: Site, options: Options) -> Judgement:
     kind, size = _adaptive_kind(site), _adaptive_size(site)
     if not site.spatial:
         return Judgement(Verdict.EXACT, "spatially constant input")
-    if size is not None and all(s == 1 for s in size):
+    if size is not None and all(s in (1, None) for s in size):   # None: that dim kept as it is
+        over = "H, W" if all(s == 1 for s in size) else "H" if size[0] == 1 else "W"
         if kind == "average":
-            return Judgement(Verdict.EXACT, "global average over H, W: keeps only the DC bin, invariant")
-        return Judgement(Verdict.INTEGER, "global max over H, W: invariant to integer shifts only")
+            return Judgement(Verdict.EXACT, f"average over {over}: keeps only the DC bin along it, commutes with shifts")
+        return Judgement(Verdict.INTEGER, f"max over {over}: invariant to integer shifts only")
     grid = "a computed grid" if size is None else f"a fixed {' x '.join(map(str, size))} grid"
     fix = "; fix for a flattened head: recipe option pool.head = 'global'" if kind == "average" and \
         _flattened_after(site.node) else ""
@@ -169,8 +170,9 @@ def _global_head(site: Site, options: Options):
     """``pool.head = "global"``: an adaptive average pool to a grid before a flatten becomes the global average
     broadcast to that grid."""
     size = _adaptive_size(site)
-    if options.head != "global" or _adaptive_kind(site) != "average" or size is None or None in size or all(s == 1 for s in size) or site.x is None \
-            or site.x.spatial_dims != (2, 3) or not _flattened_after(site.node):
+    if options.head != "global" or _adaptive_kind(site) != "average" or size is None or None in size \
+            or all(s == 1 for s in size) or site.x is None or site.x.spatial_dims != (2, 3) \
+            or not _flattened_after(site.node):
         return None
     return BroadcastGlobalPool2d(size)
 

@@ -219,11 +219,15 @@ class Cat(nn.Module):
     (nn.Conv2d(3, 6, 3, padding=2, dilation=2, groups=3, padding_mode="circular"), True),
     (Cat(1), True), (Cat(3), False),
     (nn.BatchNorm2d(3), True),
-], ids=["circ", "circ-pad2", "1x1-zero-pad", "k4-same", "dilated-grouped", "cat-C", "cat-W", "bn"])
+    (nn.AdaptiveAvgPool2d((1, None)), True), (nn.AdaptiveAvgPool2d((2, None)), False),
+], ids=["circ", "circ-pad2", "1x1-zero-pad", "k4-same", "dilated-grouped", "cat-C", "cat-W", "bn", "mean-H",
+        "pool-H-to-2"])
 def test_exact_rules_read_their_arguments(layer, exact):
-    model = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1))
+    model = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1)).eval()
     report = afconvert.audit(model, input_size=(16, 16), check=False)
     assert (report.verdict is Verdict.EXACT) == exact, report.verdict_text
+    if exact:       # what is judged exact is: float64, integer and fractional shifts
+        assert _moves(model, (16, 16)) < 1e-10
 
 
 class ChannelsLastNorm(nn.Module):
