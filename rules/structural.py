@@ -54,12 +54,13 @@ def _judge_linear_op(site: Site, options) -> Judgement:
     return Judgement(Verdict.EXACT, "linear, pointwise in space")
 
 
-def _split_dim(site: Site) -> int:
-    """The dim a chunk / split / cat / stack acts on (its ``dim`` argument; 0 when not given)."""
+def _split_dim(site: Site) -> int | None:
+    """The dim a chunk / split / cat / stack acts on (its ``dim`` argument; 0 when not given), or None when it
+    is computed in the graph."""
     args = site.node.args
     position = 1 if site.op in ("cat", "stack") else 2
     dim = site.node.kwargs.get("dim", args[position] if len(args) > position else 0)
-    return dim if isinstance(dim, int) else -10 ** 6
+    return dim if isinstance(dim, int) else None
 
 
 def _resized(site: Site) -> str:
@@ -69,7 +70,7 @@ def _resized(site: Site) -> str:
         if lay is None:
             return ""
         dim = _split_dim(site)
-        if dim == -10 ** 6:
+        if dim is None:
             return f"{site.op} along a computed dim: may cut or extend a spatial dim"
         if site.op != "stack" and -len(lay.roles) <= dim < len(lay.roles) and lay.roles[dim]:
             verb = "joins maps" if site.op == "cat" else "cuts the map"

@@ -13,8 +13,8 @@ __all__ = ["run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afconvert audit", description="Per-layer alias-free certificate of a model. "
-                                "Exit code 1 when its logits are numerically unstable, or when the analysis finds it exact and "
-                                "the float64 measurement sees it move (a bug to report).")
+                                "Exit code 1 when its logits are numerically unstable, or when the analysis finds "
+                                "it exact and the float64 measurement sees it move (a bug to report).")
     add_model_arguments(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--all", action="store_true", help="list every node, not only those that matter")

@@ -41,32 +41,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _models(args, calibration):
-    """(student: converted, teacher: its source) as the arguments say; a model given by name is converted with
-    its activations fitted on ``calibration`` (images, or None)."""
-    from afconvert.sources.pipeline import build, source_of
-    from afconvert.sources.resolve import resolve
+def _models(args):
+    """(the model whose data config the images follow, the teacher, ``student(calibration)``: the converted model;
+    a model given by name is converted then, its activations fitted on ``calibration`` (images or None))."""
     if Path(args.model).is_file():
-        student = resolve(args.model).model
-        return student, source_of(student, args.model, fix="recover a checkpoint written by conversion (afconvert "
-                                                            "NAME --out FILE), or give the model's name")
-    built = build(args.model, weights=args.weights, pretrained=not args.no_pretrained, recipe=args.recipe,
-                  input_size=args.input_size, calibration=calibration, **model_kwargs(args))
-    return built.converted, built.source.eval()
+        from afconvert.sources.checkpoint import load
+        from afconvert.sources.pipeline import source_of
+        student = load(args.model)
+        teacher = source_of(student, args.model, fix="recover a checkpoint written by conversion (afconvert NAME "
+                                                     "--out FILE), or give the model's name")
+        return student, teacher, lambda calibration: student
+    from afconvert.sources.models import create_source_model
+    from afconvert.sources.pipeline import convert_source
+    source, spec = create_source_model(args.model, weights=args.weights, pretrained=not args.no_pretrained,
+                                       **model_kwargs(args))
+    return source, source.eval(), lambda calibration: convert_source(source, spec, args.recipe, args.input_size,
+                                                                     calibration=calibration)
 
 
-def _images(args):
-    """The folder's images as the model sees them (the source's data config; a checkpoint's own), at the input
-    size: (images, size, unreadable files skipped)."""
+def _images(args, model):
+    """The folder's images as ``model`` sees them (its data config), at the input size."""
     from afconvert.data import data_config, load_images
-    from afconvert.sources.resolve import resolve
-    model = resolve(args.model, weights=args.weights, pretrained=not args.no_pretrained, **model_kwargs(args)).model
     size = tuple(args.input_size) if args.input_size else tuple(data_config(model)["input_size"][1:])
     images, skipped = load_images(args.data, model, size, limit=args.images + args.held_out, flag="--data",
                                   interpolation=args.interpolation)
     print(f"source: {args.model}; {len(images)} images at {size[0]}x{size[1]}" +
           (f" ({skipped} unreadable skipped)" if skipped else ""))
-    return images, size
+    return images
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -83,12 +84,13 @@ def _main(argv: Sequence[str]) -> int:
     import torch
     t0 = time.perf_counter()
     torch.manual_seed(0)    # random weights (--no-pretrained) and the fit are the same in a resumed run
-    images, size = _images(args)
+    reader, teacher, convert = _models(args)
+    images = _images(args, reader)
     fit, held = split_held_out(images, min(args.held_out, len(images) // 2))
-    torch.manual_seed(0)
-    student, teacher = _models(args, fit[:args.calibration] if args.calibration else None)
+    calibrated = not Path(args.model).is_file() and args.calibration > 0
+    student = convert(fit[:args.calibration] if calibrated else None)
     print(f"{len(fit)} images to fit on, {len(held)} held out" +
-          (f"; activations fitted on {min(args.calibration, len(fit))} of them" if args.calibration else ""))
+          (f"; activations fitted on {min(args.calibration, len(fit))} of them" if calibrated else ""))
     cfg = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, distill_steps=args.distill_steps)
     out = Path(args.out)
     result = recover(student, teacher, fit, held, cfg, state=out.with_name(out.name + ".partial"),

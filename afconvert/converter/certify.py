@@ -17,7 +17,8 @@ import torch.nn as nn
 from afconvert.converter.layout import Layout, layout_of
 from afconvert.layers.spectral import fractional_shift, zero_nyquist
 
-__all__ = ["evaluating", "DEFAULT_SHIFTS", "LOGIT_BOUND", "MEASURE_SHIFTS", "MEASURE_TOLERANCE", "measure_invariance", "relative_change", "relative_logit_change", "shift_error",
+__all__ = ["evaluating", "DEFAULT_SHIFTS", "LOGIT_BOUND", "MEASURE_SHIFTS", "MEASURE_TOLERANCE", "measure_invariance",
+           "relative_change", "relative_logit_change", "shift_error",
            "shift_check", "numerics_check", "native_input_size", "size_label", "random_input", "output_leaves", "output_layouts", "expected_shift"]
 
 LOGIT_BOUND = 1e4   # |logit| above this on a standard-normal input: the model is numerically unstable

@@ -31,7 +31,8 @@ from afconvert.converter.report import Finding, NotAliasFreeError, OutputFinding
 from afconvert.converter.rule import KEEP, Analysis, Judgement, Rule, Site, Verdict
 from afconvert.converter.tracing import trace
 
-__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "back_by_measurement", "RuleConflictError", "DEFAULT_PROBE_SIZE"]
+__all__ = ["convert", "audit", "check_sizes", "converted_numerics", "back_by_measurement", "RuleConflictError",
+           "DEFAULT_PROBE_SIZE"]
 
 DEFAULT_PROBE_SIZE = (64, 64)
 

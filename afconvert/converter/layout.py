@@ -145,7 +145,7 @@ def _reshaped(x: Layout, shape: tuple[int, ...]) -> tuple[str, ...]:
 
 def _permuted(node: fx.Node, x: Layout, rank: int) -> tuple[str, ...] | None:
     """``x``'s roles under a permute / transpose with constant dims, else None."""
-    args = [a for a in node.args[1:]]
+    args = list(node.args[1:])
     if any(isinstance(a, fx.Node) for a in args) or len(x.roles) != rank:
         return None
     if node.target in ("permute", torch.permute):
@@ -195,6 +195,8 @@ def _carry(node: fx.Node, gm: fx.GraphModule, out: Layout, x: Layout, shapes, in
         carried = _aligned(x, shapes, in_shapes)
     roles = tuple(_union(a, b) if n > 1 else a for a, b, n in zip(out.roles, carried, out.shape))
     return Layout(out.shape, roles, out.dtype, out.fixed)
+
+
 def _inputs(node: fx.Node, layouts: dict, runs: list[dict]) -> list[tuple[Layout, list]]:
     """The tensor inputs of ``node`` as (layout, its shape at each size the node ran at); an element of a list
     for ``getitem`` of a constant index."""

@@ -18,7 +18,7 @@ from afconvert.sources.models import (
     read_state_dict,
 )
 
-__all__ = ["Built", "build", "rebuild", "source_of"]
+__all__ = ["Built", "build", "convert_source", "rebuild", "source_of"]
 
 
 @dataclass
@@ -80,9 +80,17 @@ def build(name: str, weights: str | Path | None = None, pretrained: bool = True,
         images, skipped = load_images(calibration, source, tuple(input_size or DEFAULT_PROBE_SIZE))
         if skipped:
             notes.append(f"{skipped} unreadable calibration image(s) under {calibration} skipped")
-    converted = convert(source, recipe, input_size=input_size, options=options, calibration=images)
-    _attach(converted, spec)
+    converted = convert_source(source, spec, recipe, input_size=input_size, options=options, calibration=images)
     return Built(source, converted, spec, recipe, notes)
+
+
+def convert_source(source: nn.Module, spec: SourceSpec, recipe: "str | Recipe", input_size: Sequence[int] | None = None,
+                   options: dict | None = None, calibration=None) -> nn.Module:
+    """``convert`` of a source model made by ``create_source_model``, which the converted model records (so its
+    checkpoint rebuilds); ``calibration``: images (N, C, H, W) or None."""
+    converted = convert(source, recipe, input_size=input_size, options=options, calibration=calibration)
+    _attach(converted, spec)
+    return converted
 
 
 def rebuild(spec: SourceSpec, recipe: "str | Recipe", input_size: Sequence[int]) -> nn.Module:

@@ -64,31 +64,6 @@ def _classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
-@torch.no_grad()
-def pre_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre-logit features (N, D): the classifier's input, flattened; logits (N, K)) of ``model`` in eval mode."""
-    head, seen = _classifier(model), []
-    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].flatten(1)))
-    was = model.training
-    model.eval()
-    try:
-        logits = torch.cat([model(batch) for batch in torch.split(images, batch_size)])
-    finally:
-        handle.remove()
-        model.train(was)
-    return torch.cat(seen).float(), logits.float()
-
-
-def fidelity(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 64,
-             reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """How close ``student`` is to ``teacher`` on ``images``: {"cosine": mean cosine of their pre-logit features,
-    "agreement": fraction of images with the same top-1 class}. ``reference``: the teacher's ``pre_logits``."""
-    tf, tl = reference if reference is not None else pre_logits(teacher, images, batch_size)
-    sf, sl = pre_logits(student, images, batch_size)
-    cos = torch.nn.functional.cosine_similarity(sf, tf, dim=1)
-    return {"cosine": float(cos.mean()), "agreement": float((sl.argmax(1) == tl.argmax(1)).float().mean())}
-
-
 class _Features:
     """Keeps the classifier's input of each forward (differentiable)."""
 
@@ -100,6 +75,29 @@ class _Features:
         self.seen.clear()
         logits = model(x)
         return self.seen[-1].flatten(1), logits
+
+
+@torch.no_grad()
+def pre_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logit features (N, D): the classifier's input, flattened; logits (N, K)) of ``model`` in eval mode."""
+    grab, was = _Features(model), model.training
+    model.eval()
+    try:
+        feats, logits = zip(*(grab(model, batch) for batch in torch.split(images, batch_size)))
+    finally:
+        grab.handle.remove()
+        model.train(was)
+    return torch.cat(feats).float(), torch.cat(logits).float()
+
+
+def fidelity(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 64,
+             reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """How close ``student`` is to ``teacher`` on ``images``: {"cosine": mean cosine of their pre-logit features,
+    "agreement": fraction of images with the same top-1 class}. ``reference``: the teacher's ``pre_logits``."""
+    tf, tl = reference if reference is not None else pre_logits(teacher, images, batch_size)
+    sf, sl = pre_logits(student, images, batch_size)
+    cos = torch.nn.functional.cosine_similarity(sf, tf, dim=1)
+    return {"cosine": float(cos.mean()), "agreement": float((sl.argmax(1) == tl.argmax(1)).float().mean())}
 
 
 def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: RecoverConfig, units: Sequence[str],
