@@ -33,7 +33,6 @@ _EXPORTS = {
     "fractional_shift": "afconvert.layers.spectral", "ideal_downsample": "afconvert.layers.spectral",
     "ideal_upsample": "afconvert.layers.spectral", "ideal_lowpass": "afconvert.layers.spectral",
     "ideal_resample": "afconvert.layers.spectral", "zero_nyquist": "afconvert.layers.spectral",
-    "reuse_freed_memory": "afconvert.allocator",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,7 +1,7 @@
 """ONNX export of a converted model, checked in onnxruntime.
 
 Complex-valued FFTs have no ONNX form, so the model is traced with every ideal resampling and filter in
-its dense real form (``resample_method("matmul")``: the same linear maps, A_0 X A_1^T); the matrices
+its dense real form (the ``resample`` setting "matmul": the same linear maps, A_0 X A_1^T); the matrices
 depend on the map sizes, so a file holds one input size (H, W) and any batch size. ``torch.onnx.export``
 (torch.export based, the maintained exporter) writes it; the file is written atomically.
 """
@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from afconvert import settings
 from afconvert.atomic import atomic_write
-from afconvert.layers.spectral import resample_method
 
 __all__ = ["OnnxExport", "export_onnx", "onnx_max_rel_error"]
 
@@ -65,7 +65,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], i
     x = torch.randn(n, in_chans, h, w, generator=g)
     t0 = time.perf_counter()
     kwargs = {} if opset is None else {"opset_version": opset}
-    with resample_method("matmul"), torch.no_grad():
+    with settings.using(resample="matmul"), torch.no_grad():
         model(x)    # builds (and caches) every resampling matrix: the trace then holds them as constants
         program = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=None if batch_size else ({0: torch.export.Dim("batch")},),

@@ -5,9 +5,8 @@
 
 Per model (random weights, recipe afc, 224 px): inference and a training step (forward + backward),
 median time per batch and peak memory of both models, and the ratios; then the machine it ran on. Both models run
-with freed memory reused (``afconvert.reuse_freed_memory``, as every CLI command does; ``--system-malloc`` keeps
-glibc's defaults, under which each tensor above 32 MiB costs page faults; ``--matmul-products`` resamples with
-torch.matmul instead of oneDNN's 1x1 convolutions on a CPU). Markdown on stdout; ``--json FILE`` also
+in this plain process, with the C library's own allocator (or the one ``LD_PRELOAD`` names, reported);
+``--matmul-products`` resamples with torch.matmul instead of oneDNN's 1x1 convolutions on a CPU. Markdown on stdout; ``--json FILE`` also
 writes every measurement.
 """
 from __future__ import annotations
@@ -19,12 +18,10 @@ import time
 
 import torch
 
-from afconvert.allocator import reuse_freed_memory
+from afconvert import settings
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
 from afconvert.evaluation.benchmark import AMP_DTYPES, compare, malloc_setting, products_setting
-from afconvert.layers import spectral
-from afconvert.layers.spectral import resample_method
 from afconvert.sources.models import create_source_model
 
 MODELS = ("convnext_tiny", "resnet50", "efficientnet_b0")
@@ -57,14 +54,11 @@ def main() -> None:
                    help='recipe options, e.g. \'{"activation": {"fuse_linear": true}}\'')
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="keep the C library's malloc settings (default: freed memory reused, as the CLI does)")
     p.add_argument("--matmul-products", action="store_true",
                    help="resampling products through torch.matmul (default on a CPU: oneDNN 1x1 convolutions)")
     args = p.parse_args()
-    spectral.CONV_PRODUCTS[0] &= not args.matmul_products
-    if not args.system_malloc:
-        reuse_freed_memory()
+    if args.matmul_products:
+        settings.set_products("matmul")
     torch.set_num_threads(args.threads)
     amp = AMP_DTYPES.get(args.amp)
     size = (args.input_size, args.input_size)
@@ -77,7 +71,7 @@ def main() -> None:
         cells = [name, f"{seconds:.1f} s"]
         for train, batch in ((False, args.batch_size), (True, args.train_batch_size)):
             try:
-                with resample_method(args.resample):
+                with settings.using(resample=args.resample):
                     res = compare(source, converted, batch, size, args.device, train, args.min_time,
                                   compile=args.compile, amp=amp)
             except torch.OutOfMemoryError:

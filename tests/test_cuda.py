@@ -7,7 +7,8 @@ import torch
 
 import afconvert
 from afconvert.converter.certify import random_input, relative_change, shift_error
-from afconvert.layers.spectral import ideal_lowpass, ideal_resample, resample_method
+from afconvert.layers.spectral import ideal_lowpass, ideal_resample
+from afconvert.settings import using
 from afconvert.sources.models import create_source_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -65,7 +66,7 @@ def test_converted_model_on_cuda_is_invariant_and_matches_cpu(converted, method)
     f64 = copy.deepcopy(converted).double()
     with torch.no_grad():
         ref = f64(x)
-    with resample_method(method):
+    with using(resample=method):
         gpu = f64.cuda()
         assert _shift_change(gpu, x.cuda()) < 1e-10
         with torch.no_grad():

@@ -13,8 +13,7 @@
 
 Each command is a module with ``run(argv)``, imported only when it runs; torch is imported only
 after the arguments are read, so ``--help`` and argument errors answer at once and Ctrl-C at any
-moment is one line. Every command first keeps freed memory for reuse (``afconvert.allocator``: no page faults
-on each large tensor; ``AFCONVERT_MALLOC=system`` keeps the C library's defaults).
+moment is one line. No command changes anything process-wide that the user did not ask for.
 """
 from __future__ import annotations
 
@@ -27,8 +26,6 @@ COMMANDS = ("audit", "eval", "recipes", "finetune", "train", "bench", "export", 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from afconvert.allocator import reuse_freed_memory
-    reuse_freed_memory()
     try:
         import importlib
         name = argv[0] if argv and argv[0] in COMMANDS else None

@@ -45,9 +45,9 @@ def _main(argv: Sequence[str]) -> int:
     check_name(args.model)
     import torch
 
+    from afconvert import settings
     from afconvert.converter.engine import convert
     from afconvert.evaluation.benchmark import AMP_DTYPES, compare, profile_table
-    from afconvert.layers.spectral import resample_method
     from afconvert.sources.models import create_source_model
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here; fix: --device cpu")
@@ -55,7 +55,7 @@ def _main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     converted = convert(source, args.recipe, input_size=tuple(args.input_size), check_numerics=False)
     seconds = time.perf_counter() - t0
-    with resample_method(args.resample):
+    with settings.using(resample=args.resample):
         amp = AMP_DTYPES.get(args.amp)
         res = compare(source, converted, args.batch_size, tuple(args.input_size), args.device, args.train,
                       args.min_time, compile=args.compile, amp=amp)

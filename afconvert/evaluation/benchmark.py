@@ -8,14 +8,14 @@ highest running total of the tensors the step allocates and frees (``torch.profi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from afconvert.allocator import reusing_freed_memory
-from afconvert.layers import spectral
+from afconvert import settings
 
 __all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting", "products_setting"]
 
@@ -110,15 +110,17 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
 
 
 def malloc_setting() -> str:
-    """The C library's malloc settings this process measures under: "freed memory reused"
-    (``afconvert.reuse_freed_memory``) or "system"."""
-    return "freed memory reused" if reusing_freed_memory() else "system"
+    """The allocator this process measures under: a preloaded one (``LD_PRELOAD``: jemalloc, TCMalloc, as
+    PyTorch's CPU tuning guide advises) by its file name, else "system"."""
+    preload = [p.rsplit("/", 1)[-1] for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    return ", ".join(preload) or "system"
 
 
 def products_setting(device: str | torch.device = "cpu") -> str:
-    """What the float32 resampling products run as on ``device``: "oneDNN" (1x1 convolutions, a CPU with
-    ``spectral.CONV_PRODUCTS``) or "matmul"."""
-    return "oneDNN" if torch.device(device).type == "cpu" and spectral.CONV_PRODUCTS[0] else "matmul"
+    """What the float32 resampling products run as on ``device``: "oneDNN" (1x1 convolutions: a CPU, the
+    ``products`` setting not "matmul", PyTorch built with oneDNN) or "matmul"."""
+    onednn = settings.products() != "matmul" and torch.backends.mkldnn.is_available()
+    return "oneDNN" if torch.device(device).type == "cpu" and onednn else "matmul"
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",

@@ -35,7 +35,8 @@ from typing import Sequence
 
 import torch
 
-from afconvert.layers.spectral import _matmul_dim, ideal_resample, keeps_transposed, resample_adjoint
+from afconvert.layers.products import along
+from afconvert.layers.spectral import ideal_resample, resample_adjoint, resample_through
 
 __all__ = ["band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
            "channel_view", "max_abs"]
@@ -63,47 +64,15 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     ``method`` as there). Exactly the 2x form for any x. Same shape as x; with ``out`` = n, R_n B(x) from the
     grid M = N + ceil(n / 2) (n along ``dims``)."""
     _, m, o = _grid(x, dims, out)
-    moved = _moved_dims(x, dims, m, method)
-    if moved is not None:
-        return _maps_back(band_limited_square(_maps_last(x, moved), (-2, -1), method, out), moved)
-    t = keeps_transposed(x, m, dims, method)       # the M-grid map in the layout the products leave it in
-    z = ideal_resample(x, m, dims, method, (False, t))
-    z = z.square() if torch.is_grad_enabled() else z.square_()
-    return ideal_resample(z, o, dims, method, (t, False))
-
-
-# Maps on other dims than the last two (channels-last) of at least this many samples per dim move to the last two
-# for the band-limited square and back (two copies of x's size): there they take the swapped products (CPU float32;
-# ``keeps_transposed``). Square of 8 x 384 channels-last maps: 56 px 67.9 -> 54.6 ms; 28 px 19.7 against 20.5.
-MOVE_MIN_SIZE = 56
-
-
-def _moved_dims(x: torch.Tensor, dims: Sequence[int], m: Sequence[int], method) -> tuple[int, int] | None:
-    """x's spatial dims (normalised) when its maps should move to the last two dims for the square, else None."""
-    d = tuple(v % x.ndim for v in dims)
-    if d == (x.ndim - 2, x.ndim - 1) or min(x.shape[v] for v in d) < MOVE_MIN_SIZE:
-        return None
-    return d if keeps_transposed(x.movedim(d, (-2, -1)), m, (-2, -1), method) else None
-
-
-def _maps_last(x: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
-    return x.movedim(dims, (-2, -1)).contiguous()
-
-
-def _maps_back(y: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
-    return y.movedim((-2, -1), dims).contiguous()
+    square = torch.square if torch.is_grad_enabled() else torch.Tensor.square_
+    return resample_through([(x, False)], m, square, o, dims, method)
 
 
 def _square_vjp(h: torch.Tensor, xn: torch.Tensor, dims: Sequence[int], method, m: Sequence[int],
                 n: Sequence[int]) -> torch.Tensor:
     """R_M^T ((R_M xn) * R_N^T h) (R_N: M grid -> h's size, R_M: n -> M): the vector-Jacobian product of
-    R_N((R_M xn)^2) / 2 with h, with the 3/2-grid maps in the layout their products leave them."""
-    moved = _moved_dims(xn, dims, m, method)
-    if moved is not None:
-        return _maps_back(_square_vjp(_maps_last(h, moved), _maps_last(xn, moved), (-2, -1), method, m, n), moved)
-    swap = keeps_transposed(xn, m, dims, method)
-    w = resample_adjoint(h, m, dims, method, (False, swap)).mul_(ideal_resample(xn, m, dims, method, (False, swap)))
-    return resample_adjoint(w, n, dims, method, (swap, False))
+    R_N((R_M xn)^2) / 2 with h."""
+    return resample_through([(h, True), (xn, False)], m, torch.Tensor.mul_, n, dims, method, adjoint=True)
 
 
 def _kept(x: torch.Tensor, dims: Sequence[int], out: Sequence[int] | None) -> tuple[int, ...]:
@@ -140,7 +109,7 @@ def drop_nyquist(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tenso
             continue
         sign = _alternating(n, x)
         view = sign.reshape([n if i == d else 1 for i in range(x.ndim)])
-        x = torch.addcmul(x, view, _matmul_dim(x, sign[None], d, 1), value=-1.0 / n)
+        x = torch.addcmul(x, view, along(x, sign[None], d), value=-1.0 / n)
     return x
 
 

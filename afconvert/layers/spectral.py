@@ -19,13 +19,13 @@ the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 an
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from afconvert import settings
+from afconvert.layers import products
 
 __all__ = [
     "ideal_resample",
@@ -39,7 +39,8 @@ __all__ = [
     "as_dtype",
     "resample_matrix",
     "lowpass_matrix",
-    "resample_method",
+    "resampling",
+    "resample_through",
 ]
 
 Dims = Sequence[int]
@@ -142,237 +143,49 @@ def _lowpass_op(n: int, cutoff: float):
     return op
 
 
-# Built matrices by (kind, sizes, dtype, device). A plain dict, not functools.lru_cache: torch.compile reads a
-# dict entry as a constant tensor, but traces through lru_cache into the FFTs that build the matrix.
-_MATRICES: dict = {}
-
-
-def _cached(key: tuple, build) -> torch.Tensor:
-    mat = _MATRICES.get(key)
-    if mat is None:
-        if len(_MATRICES) >= 1024:
-            _MATRICES.clear()
-        mat = _MATRICES[key] = build()
-    return mat
-
-
-def _matrix(key: tuple, op, n_in: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return _cached(key, lambda: _from_impulses(op, n_in, dtype, device))
-
-
 def resample_matrix(n_in: int, n_out: int, dtype: torch.dtype = torch.float64,
                     device: torch.device | None = None) -> torch.Tensor:
     """The (n_out, n_in) real matrix of 1-D ideal resampling: column j is unit impulse j resampled.
 
     The same operator as the FFT path (same crop / pad and Nyquist conventions), built from it in
     float64 once per (sizes, dtype, device) and cached: ``ideal_resample`` on a map is A_0 X A_1^T."""
-    return _matrix(("resample", n_in, n_out, dtype, device), _resample_op(n_in, n_out), n_in, dtype, device)
+    return products.cached(("resample", n_in, n_out, dtype, device),
+                           lambda: _from_impulses(_resample_op(n_in, n_out), n_in, dtype, device))
 
 
 def lowpass_matrix(n: int, cutoff: float, dtype: torch.dtype = torch.float64,
                    device: torch.device | None = None) -> torch.Tensor:
     """The (n, n) real matrix of the 1-D ideal low-pass of ``ideal_lowpass`` (bins |k| < cutoff n / 2)."""
     cutoff = float(cutoff)
-    return _matrix(("lowpass", n, cutoff, dtype, device), _lowpass_op(n, cutoff), n, dtype, device)
+    return products.cached(("lowpass", n, cutoff, dtype, device),
+                           lambda: _from_impulses(_lowpass_op(n, cutoff), n, dtype, device))
 
 
-# How ideal_resample / ideal_lowpass compute when no method is passed: "auto", "fft" or "matmul".
-_METHOD = ["auto"]
-METHODS = ("auto", "fft", "matmul")
-# In "auto", float32 and float64 maps up to this size (in and out, each dim) take the dense matmul form, larger
-# ones the FFT form; float64 takes it too, so the certificates check the form a float32 user runs. CUDA keeps the
-# FFT form for float32 when its products may use TF32 (torch.set_float32_matmul_precision below "highest": 10-bit
-# mantissas). Timings behind the threshold: see docs/performance.md.
-MATMUL_MAX_SIZE = 512
-# Maps on the last two dims with at most this many samples (in and out) take one product with the Kronecker
-# matrix A_0 (x) A_1 (vec Y = (A_0 (x) A_1) vec X) instead of two: more multiply-adds, but one large GEMM
-# instead of a batched product of tiny matrices (2.5-8x faster on 2-11 px maps of 128 x 64-256 channels, 2 CPU
-# threads; slower from about 14 px up).
-KRON_MAX_SAMPLES = 128
+def resampling(n_in: Sequence[int], n_out: Sequence[int], dtype: torch.dtype, device) -> products.Separable:
+    """Ideal resampling of 2-D maps from ``n_in`` to ``n_out`` as the separable pair (A_0, A_1) of
+    ``resample_matrix``; ``.T`` its adjoint."""
+    n_in, n_out = tuple(int(v) for v in n_in), tuple(int(v) for v in n_out)
+    return products.Separable(resample_matrix(n_in[0], n_out[0], dtype, device),
+                              resample_matrix(n_in[1], n_out[1], dtype, device),
+                              ("resample", n_in, n_out, dtype, device))
 
 
-@contextlib.contextmanager
-def resample_method(method: str) -> Iterator[None]:
-    """Within the block, resampling and low-pass filters with no explicit ``method`` use ``method``.
-
-    ``"matmul"`` makes a converted model free of complex numbers (what ONNX export needs);
-    ``"fft"`` the reference form; ``"auto"`` picks per call (see ``MATMUL_MAX_SIZE``)."""
-    _check_method(method)
-    old, _METHOD[0] = _METHOD[0], method
-    try:
-        yield
-    finally:
-        _METHOD[0] = old
-
-
-def _check_method(method: str) -> None:
+def dense(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
+    """Whether a resampling of x with ``method`` (None: the ``resample`` setting) over maps of ``sizes`` (in and
+    out) takes the dense form; "auto" asks ``products.dense_preferred``."""
+    method = settings.resample_method() if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
-
-
-def _use_matmul(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
-    method = _METHOD[0] if method is None else method
-    _check_method(method)
     if method != "auto":
         return method == "matmul"
-    dtype = _real_dtype(x)
-    if dtype not in (torch.float32, torch.float64) or max(sizes) > MATMUL_MAX_SIZE:
-        return False
-    return dtype is torch.float64 or x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
+    return products.dense_preferred(x, sizes)
 
 
-def _matmul_dim(x: torch.Tensor, a: torch.Tensor, d: int, n_out: int) -> torch.Tensor:
-    """A (n_out, n_in) applied along dim d of x: (..., n_in, ...) -> (..., n_out, ...), as one (batched) product
-    over a view of x: (P, n_in, Q) for the dims before and after d (no copy of a contiguous x)."""
-    shape = x.shape
-    p, q = math.prod(shape[:d]), math.prod(shape[d + 1:])
-    if q == 1:
-        y = torch.matmul(x.reshape(p, shape[d]), a.T)
-    else:
-        y = torch.matmul(a, x.reshape(p, shape[d], q))
-    return y.view(*shape[:d], n_out, *shape[d + 1:])
+METHODS = settings.CHOICES["resample"]
 
 
-# On a CPU, float32 products along the last dim run as 1 x 1 convolutions: oneDNN picks its kernels by the CPU's
-# instruction set, where MKL's GEMM (torch.matmul) takes its AVX2 kernels on non-Intel CPUs. With a transpose
-# between the two products (instead of a batched product of small matrices), 1.3-1.9x faster resampling on an
-# AMD EPYC with AVX-512, 1.1-1.3x with oneDNN held to AVX2 (docs/performance.md). False: torch.matmul throughout
-# (the environment's AFCONVERT_PRODUCTS=matmul).
-PRODUCTS_ENV = "AFCONVERT_PRODUCTS"
-
-
-def _products_from_env() -> bool:
-    value = os.environ.get(PRODUCTS_ENV, "onednn").strip().lower()
-    if value not in ("onednn", "matmul"):
-        raise ValueError(f"{PRODUCTS_ENV}={value!r}: unknown; fix: onednn (the default on a CPU) or matmul")
-    return value == "onednn" and torch.backends.mkldnn.is_available()
-
-
-CONV_PRODUCTS = [_products_from_env()]
-# Maps of at least this many samples per dim (in and out) take both products along the last dim, with a transpose
-# between; smaller ones keep the batched product for the other dim, which is faster there (16 -> 24 px: 2.1
-# against 4.6 ms for 8 x 1024 maps; 28 -> 42 px: 15.2 against 14.2 ms).
-SWAP_MIN_SIZE = 28
-
-
-def _conv_products(x: torch.Tensor) -> bool:
-    return CONV_PRODUCTS[0] and x.device.type == "cpu" and _real_dtype(x) == torch.float32 and x.numel() > 0
-
-
-def _conv_product(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)         # (1, n_in, P, 1), channels-last
-    y = F.conv2d(rows, a.reshape(*a.shape, 1, 1))
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], a.shape[0])
-
-
-class _ConvProduct(torch.autograd.Function):
-    """X A^T as ``_conv_product``, its gradient G A as another (a convolution's own backward is slower here)."""
-
-    @staticmethod
-    def forward(ctx, x, a):
-        ctx.save_for_backward(a)
-        return _conv_product(x, a)
-
-    @staticmethod
-    def backward(ctx, g):
-        (a,) = ctx.saved_tensors
-        return _conv_product(g, a.T.contiguous()), None
-
-
-def _last_dim_product(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """X A^T for X (..., n_in), A (n_out, n_in) a constant: -> (..., n_out); a 1 x 1 convolution over X's rows
-    (channels-last, no copy of a contiguous X) where ``_conv_products``, else one matrix product."""
-    if not _conv_products(x):
-        return torch.matmul(x, a.T)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _ConvProduct.apply(x, a)
-    return _conv_product(x, a)
-
-
-def _swapped_products(x: torch.Tensor, a_last: torch.Tensor, a_other: torch.Tensor) -> torch.Tensor:
-    """(A_other X A_last^T)^T for maps X (..., R, C) on the last two dims: both as products along the last dim
-    (``_last_dim_product``) with one transpose between them; the result is stored transposed: (..., c, r)."""
-    return _last_dim_product(_swap(_last_dim_product(x, a_last)), a_other)
-
-
-def _separable_matmul(x: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, d0: int, d1: int,
-                      n_out: Sequence[int], key: tuple, transposed: tuple[bool, bool] = (False, False)
-                      ) -> torch.Tensor:
-    """A_0 X A_1^T over dims (d0, d1), in the matrices' dtype and outside autocast (no bf16 / fp16 products).
-    ``key`` names the pair (A_0, A_1) (with dtype and device) for the cached Kronecker matrix. ``transposed``
-    (in, out): X, and the result, stored with their two dims swapped (d0, d1 the last two dims).
-
-    Small maps on the last two dims (``KRON_MAX_SAMPLES``): X flattened to (..., N_0 N_1) times
-    (A_0 (x) A_1)^T. Maps on the last two dims of at least ``SWAP_MIN_SIZE`` where ``_conv_products``:
-    ``_swapped_products``, which flips the layout (a caller that resamples twice keeps the map between transposed
-    and saves two copies; elsewhere ``transposed`` costs a copy each way). Otherwise two products (the one along
-    the last dim by ``_last_dim_product``); order: the dim that shrinks most goes first (less work for the second
-    product); at equal ratios the last dim runs on the smaller map: first when growing, last when shrinking."""
-    if torch.is_autocast_enabled(x.device.type):   # enter the context only when needed (graph capture splits at it)
-        with torch.autocast(x.device.type, enabled=False):
-            return _separable_matmul(x, a0, a1, d0, d1, n_out, key, transposed)
-    x, n_in = as_dtype(x, _real_dtype(x)), _sizes(x, d0, d1, transposed)
-    last_two = (d0, d1) == (x.ndim - 2, x.ndim - 1)
-    if last_two and _swapped(x, n_in, n_out):
-        t_in, t_out = transposed
-        y = _swapped_products(x, a0, a1) if t_in else _swapped_products(x, a1, a0)
-        return y if t_out != t_in else _swap(y)
-    if any(transposed):
-        return _in_plain_layout(lambda v: _separable_matmul(v, a0, a1, d0, d1, n_out, key), x, transposed)
-    if last_two and _kron(n_in, n_out):
-        kron = _cached(("kron", *key), lambda: (a0[:, None, :, None] * a1[None, :, None, :]).reshape(
-            n_out[0] * n_out[1], n_in[0] * n_in[1]))
-        y = _last_dim_product(x.reshape(-1, n_in[0] * n_in[1]), kron)
-        return y.reshape(*x.shape[:-2], *n_out)
-    r0, r1 = n_out[0] / n_in[0], n_out[1] / n_in[1]
-    a1_first = r1 < r0 if r0 != r1 else (d1 > d0 if r0 > 1 else d1 < d0)
-    steps = ((a1, d1, n_out[1]), (a0, d0, n_out[0])) if a1_first else ((a0, d0, n_out[0]), (a1, d1, n_out[1]))
-    y = x
-    for a, d, n in steps:
-        y = _last_dim_product(y, a) if d == y.ndim - 1 else _matmul_dim(y, a, d, n)
-    return y
-
-
-def _kron(n_in: Sequence[int], n_out: Sequence[int]) -> bool:
-    return max(n_in[0] * n_in[1], n_out[0] * n_out[1]) <= KRON_MAX_SAMPLES
-
-
-def _swapped(x: torch.Tensor, n_in: Sequence[int], n_out: Sequence[int]) -> bool:
-    """Whether maps of x on its last two dims resample with ``_swapped_products``."""
-    return _conv_products(x) and not _kron(n_in, n_out) and min(*n_in, *n_out) >= SWAP_MIN_SIZE
-
-
-def keeps_transposed(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
-                     ) -> bool:
-    """Whether ``ideal_resample(x, size, dims, method)`` runs as ``_swapped_products``: a caller that resamples
-    twice (up, a pointwise op, down) then passes ``transposed`` and keeps the map between in the swapped layout,
-    two copies fewer."""
-    d0, d1 = _norm_dims(x, dims)
-    n_in, n_out = (x.shape[d0], x.shape[d1]), tuple(int(s) for s in size)
-    return (d0, d1) == (x.ndim - 2, x.ndim - 1) and _use_matmul(x, method, n_in + n_out) and _swapped(x, n_in, n_out)
-
-
-def _sizes(x: torch.Tensor, d0: int, d1: int, transposed: tuple[bool, bool]) -> tuple[int, int]:
-    """The map's sizes along (d0, d1), read swapped when ``transposed[0]``; a transposed layout (in or out) needs
-    (d0, d1) to be the last two dims."""
-    if any(transposed) and (d0, d1) != (x.ndim - 2, x.ndim - 1):
-        raise ValueError(f"a transposed layout needs the maps on the last two dims, got dims {(d0, d1)}")
-    return (x.shape[d1], x.shape[d0]) if transposed[0] else (x.shape[d0], x.shape[d1])
-
-
-def _in_plain_layout(fn, x: torch.Tensor, transposed: tuple[bool, bool]) -> torch.Tensor:
-    """fn (a map in the plain layout to one) on x stored as ``transposed`` says: a copy each way where swapped."""
-    y = fn(_swap(x) if transposed[0] else x)
-    return _swap(y) if transposed[1] else y
-
-
-def _swap(x: torch.Tensor) -> torch.Tensor:
-    """The last two dims swapped, stored so (a copy)."""
-    return x.transpose(-1, -2).contiguous()
-
-
-def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None,
-                   transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
+                   ) -> torch.Tensor:
     """Ideal band-limited resampling of a periodic signal to ``size`` (per dim).
 
     y = irfft2(R(rfft2(x))) * (n0 n1) / (N0 N1), where R crops (keeping |k| < n/2, zeroing the
@@ -382,25 +195,19 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
 
     ``method``: ``"fft"``; ``"matmul"``, the same linear map as two real matrix products
     A_0 X A_1^T (``resample_matrix``: no complex numbers, fast on small maps, exportable); ``"auto"``
-    (see ``MATMUL_MAX_SIZE``); None: the one set by ``resample_method`` ("auto" unless set).
-    ``transposed`` (in, out): x, and the result, stored with the two dims swapped (``keeps_transposed``; dims the
-    last two): x (..., N1, N0) for sizes (N0, N1).
+    (the dense form up to ``products.DENSE_MAX_SIZE``); None: the ``resample`` setting
+    (``afconvert.settings``, "auto" unless set).
     """
     d0, d1 = _norm_dims(x, dims)
-    n_in, n_out = _sizes(x, d0, d1, transposed), tuple([int(s) for s in size])
+    n_in, n_out = (x.shape[d0], x.shape[d1]), tuple([int(s) for s in size])
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
-    matmul = _use_matmul(x, method, n_in + n_out)
+    matmul = dense(x, method, n_in + n_out)
     if n_in == n_out:
-        return x if transposed[0] == transposed[1] else _swap(x)
+        return x
     dtype, rdt = x.dtype, _real_dtype(x)
     if matmul:
-        a0 = resample_matrix(n_in[0], n_out[0], rdt, x.device)
-        a1 = resample_matrix(n_in[1], n_out[1], rdt, x.device)
-        return as_dtype(_separable_matmul(x, a0, a1, d0, d1, n_out, ("resample", n_in, n_out, rdt, x.device),
-                                          transposed), dtype)
-    if any(transposed):
-        return _in_plain_layout(lambda v: ideal_resample(v, n_out, (d0, d1), method), x, transposed)
+        return as_dtype(products.apply(x, resampling(n_in, n_out, rdt, x.device), (d0, d1)), dtype)
     spec = torch.fft.rfftn(as_dtype(x, rdt), dim=(d0, d1))
     spec = _crop_or_pad_full(spec, d0, n_in[0], n_out[0])
     spec = _crop_or_pad_half(spec, d1, n_in[1], n_out[1])
@@ -408,30 +215,47 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     return as_dtype(y * (n_out[0] * n_out[1] / (n_in[0] * n_in[1])), dtype)
 
 
-def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None,
-                     transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
+                     ) -> torch.Tensor:
     """R^T g for R = ``ideal_resample`` from ``size`` to g's size along ``dims``: the gradient of that resampling
     (g (..., n0, ..., n1, ...) -> (..., size0, ..., size1, ...)). In the form ``ideal_resample`` would take for
-    the same map: the transposed matrices, or, for the FFT form, its vector-Jacobian product. ``transposed`` as
-    there."""
+    the same map: the transposed matrices, or, for the FFT form, its vector-Jacobian product."""
     d0, d1 = _norm_dims(g, dims)
-    n_out, n_in = _sizes(g, d0, d1, transposed), tuple(int(s) for s in size)
+    n_out, n_in = (g.shape[d0], g.shape[d1]), tuple(int(s) for s in size)
     if n_in == n_out:
-        return g if transposed[0] == transposed[1] else _swap(g)
+        return g
     rdt = _real_dtype(g)
-    if _use_matmul(g, method, n_in + n_out):
-        a0 = resample_matrix(n_in[0], n_out[0], rdt, g.device)
-        a1 = resample_matrix(n_in[1], n_out[1], rdt, g.device)
-        return as_dtype(_separable_matmul(g, a0.T, a1.T, d0, d1, n_in, ("adjoint", n_in, n_out, rdt, g.device),
-                                          transposed), g.dtype)
-    if any(transposed):
-        return _in_plain_layout(lambda v: resample_adjoint(v, n_in, (d0, d1), method), g, transposed)
+    if dense(g, method, n_in + n_out):
+        return as_dtype(products.apply(g, resampling(n_in, n_out, rdt, g.device).T, (d0, d1)), g.dtype)
     shape = list(g.shape)
     shape[d0], shape[d1] = n_in
     with torch.enable_grad():
         probe = torch.zeros(shape, dtype=rdt, device=g.device, requires_grad=True)
         out = ideal_resample(probe, n_out, (d0, d1), "fft")
         return as_dtype(torch.autograd.grad(out, probe, as_dtype(g, rdt))[0], g.dtype)
+
+
+def resample_through(inputs: Sequence[tuple[torch.Tensor, bool]], grid: Sequence[int], fn, size: Sequence[int],
+                     dims: Dims = (-2, -1), method: str | None = None, adjoint: bool = False) -> torch.Tensor:
+    """R(fn(R_1 x_1, ..., R_k x_k)) over ``dims``: each x_i taken to ``grid`` by ideal resampling (R_i, or, with
+    its flag set, the adjoint of the resampling from ``grid`` to x_i's size), combined pointwise by ``fn`` (which
+    may work in place on its first argument), the result taken to ``size`` (R, or with ``adjoint`` the adjoint of
+    the resampling from ``size`` to ``grid``). The form a pointwise activation between two resamplings takes,
+    with the grid maps never all in memory at once in the dense form (``products.through``)."""
+    x0 = inputs[0][0]
+    d0, d1 = _norm_dims(x0, dims)
+    grid, size = tuple(int(v) for v in grid), tuple(int(v) for v in size)
+    shapes = [(x.shape[d0], x.shape[d1]) for x, _ in inputs]
+    if not dense(x0, method, sum(shapes, grid + size)):
+        maps = [(resample_adjoint if adj else ideal_resample)(x, grid, (d0, d1), method) for x, adj in inputs]
+        z = fn(*[v.clone() if v is x else v for v, (x, _) in zip(maps, inputs)])
+        return resample_adjoint(z, size, (d0, d1), method) if adjoint else ideal_resample(z, size, (d0, d1), method)
+    rdt, dev = _real_dtype(x0), x0.device
+
+    def op(n_from, n_to, adj):
+        return resampling(n_to, n_from, rdt, dev).T if adj else resampling(n_from, n_to, rdt, dev)
+    ops = [(x, op(n, grid, adj)) for (x, adj), n in zip(inputs, shapes)]
+    return as_dtype(products.through(ops, fn, op(grid, size, adjoint), (d0, d1)), x0.dtype)
 
 
 def ideal_downsample(x: torch.Tensor, factor: int | Sequence[int], dims: Dims = (-2, -1),
@@ -488,13 +312,11 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method:
     ``method`` as in ``ideal_resample`` (the matmul form: ``lowpass_matrix`` on each dim).
     """
     d0, d1 = _norm_dims(x, dims)
-    if _use_matmul(x, method, (x.shape[d0], x.shape[d1])):
-        rdt = _real_dtype(x)
-        a0 = lowpass_matrix(x.shape[d0], float(cutoff), rdt, x.device)
-        a1 = lowpass_matrix(x.shape[d1], float(cutoff), rdt, x.device)
-        size = (x.shape[d0], x.shape[d1])
-        key = ("lowpass", size, float(cutoff), rdt, x.device)
-        return as_dtype(_separable_matmul(x, a0, a1, d0, d1, size, key), x.dtype)
+    if dense(x, method, (x.shape[d0], x.shape[d1])):
+        rdt, size, cutoff = _real_dtype(x), (x.shape[d0], x.shape[d1]), float(cutoff)
+        op = products.Separable(lowpass_matrix(size[0], cutoff, rdt, x.device),
+                                lowpass_matrix(size[1], cutoff, rdt, x.device), ("lowpass", size, cutoff, rdt, x.device))
+        return as_dtype(products.apply(x, op, (d0, d1)), x.dtype)
 
     return _separable_filter(x, dims, lambda axis, n, onesided, device, dtype:
                              _lowpass_mask(n, cutoff, onesided, device, dtype))

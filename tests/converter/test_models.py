@@ -12,7 +12,7 @@ from conftest import calibrate_norms_, randomize_
 import afconvert
 from afconvert.converter.certify import random_input, relative_change, shift_error
 from afconvert.converter.rule import Verdict
-from afconvert.layers.spectral import resample_method
+from afconvert.settings import using
 from afconvert.sources.models import create_source_model
 from afconvert.sources.zoo import MORE, ZOO
 
@@ -96,7 +96,7 @@ def test_certified_and_invariant(pair, float64):
     x, f64, y64 = float64
     change = shift_change(f64, x, y0=y64)
     if change >= 1e-10:
-        with torch.no_grad(), resample_method("fft"):
+        with torch.no_grad(), using(resample="fft"):
             rounding = relative_change(f64(x), y64, "spread")
         assert change < 10 * rounding, (change, rounding)
     # the very same check fails before conversion (already on an integer and a half-pixel shift)

@@ -19,9 +19,9 @@ from afconvert.layers.spectral import (
     fractional_shift,
     ideal_resample,
     resample_adjoint,
-    resample_method,
     zero_nyquist,
 )
+from afconvert.settings import using
 
 SIZES = [(8, 8), (12, 10), (9, 7), (6, 11)]
 LAYOUTS = {"nchw": ((2, 3), 1), "nhwc": ((1, 2), -1)}
@@ -37,7 +37,7 @@ def _map(h, w, layout="nchw", seed=0, dtype=torch.float64, nyquist=True, channel
 
 def _reference(x, coef, dims, channel_dim, sdims, eps=1e-6):
     """The definition on the 2x grid, through FFTs: a0 s + a1 D(U x) + (a2 / s) D((U x)^2)."""
-    with resample_method("fft"):
+    with using(resample="fft"):
         n = [x.shape[d] for d in dims]
         u = ideal_resample(x, [2 * v for v in n], dims)
         lin, sq = ideal_resample(u, n, dims), ideal_resample(u * u, n, dims)
@@ -55,7 +55,7 @@ def _reference(x, coef, dims, channel_dim, sdims, eps=1e-6):
 def test_square_on_the_three_halves_grid_is_the_2x_square(h, w, nyquist):
     """D((U x)^2) from the ceil(3N/2) grid equals it from the 2x grid, with or without Nyquist content."""
     x = _map(h, w, nyquist=nyquist)
-    with resample_method("fft"):
+    with using(resample="fft"):
         u = ideal_resample(x, (2 * h, 2 * w))
         ref = ideal_resample(u * u, (h, w))
     for method in ("fft", "matmul"):
@@ -111,7 +111,7 @@ def test_gradient_is_autograds(layout, normalize, method, h, w):
     x = _map(h, w, layout).requires_grad_()
     coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
     sdims = scale_dims(normalize, dims, cdim % 4)
-    with resample_method(method):
+    with using(resample=method):
         assert torch.autograd.gradcheck(lambda t, c: band_limited_quadratic(t, c, dims, cdim, sdims), (x, coef))
 
 
@@ -131,7 +131,7 @@ def test_fused_down_sampling_is_the_resampled_output(layout, normalize, size, ou
     x = _map(*size, layout)
     coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sdims = scale_dims(normalize, dims, cdim % 4)
-    with resample_method("fft"):
+    with using(resample="fft"):
         b = ideal_resample(ideal_resample(ideal_resample(x, [2 * v for v in size], dims) ** 2, size, dims), out, dims)
         lin = ideal_resample(zero_nyquist(x, dims), out, dims)      # R_n P x: what a down-sampling after the layer sees
     view = [1] * x.ndim
@@ -153,7 +153,7 @@ def test_fused_gradient_is_autograds(normalize, method, layout, size, out):
     x = _map(*size, layout).requires_grad_()
     coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
     sdims = scale_dims(normalize, dims, cdim % 4)
-    with resample_method(method):
+    with using(resample=method):
         assert torch.autograd.gradcheck(lambda t, c: band_limited_quadratic(t, c, dims, cdim, sdims, out=out),
                                         (x, coef))
 
@@ -247,7 +247,7 @@ def test_drop_nyquist_is_zero_nyquist(h, w):
 def test_resample_adjoint_is_the_gradient(method, size_in, size_out):
     x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, *size_out, dtype=torch.float64)
-    with resample_method(method):
+    with using(resample=method):
         (ideal_resample(x, size_out) * g).sum().backward()
         got = resample_adjoint(g, size_in)
     assert torch.allclose(got, x.grad, atol=1e-13)
@@ -255,14 +255,10 @@ def test_resample_adjoint_is_the_gradient(method, size_in, size_out):
     assert math.isclose(float((got * x).sum()), float((g * ideal_resample(x, size_out)).sum()), rel_tol=1e-12)
 
 
-def test_channels_last_maps_move_for_the_square_and_back():
-    """Channels-last maps of MOVE_MIN_SIZE px and more take the square (forward and backward) on their maps moved
-    to the last two dims (the path is really taken): the same values and gradient as the float64 definition, and
-    the result laid out channels-last again."""
-    from unittest import mock
-
-    import afconvert.layers.quadratic as quadratic
-    size = (quadratic.MOVE_MIN_SIZE, quadratic.MOVE_MIN_SIZE + 3)
+@pytest.mark.parametrize("size", [(60, 63), (29, 30)])
+def test_large_channels_last_maps_equal_the_definition(size):
+    """Channels-last float32 maps, large and medium (the products may move them to the last two dims and back):
+    the same values and gradient as the float64 definition, and the result laid out channels-last."""
     dims, cdim = LAYOUTS["nhwc"]
     x64 = _map(*size, layout="nhwc", nyquist=False)
     coef = torch.tensor([[0.1, 0.5, 0.3]] * 3, dtype=torch.float64)
@@ -271,10 +267,7 @@ def test_channels_last_maps_move_for_the_square_and_back():
     ref = _reference(ref_x, coef, dims, cdim, (1, 2))
     (ref * g).sum().backward()
     x32 = x64.float().requires_grad_()
-    moves = mock.Mock(wraps=quadratic._maps_last)
-    with mock.patch.object(quadratic, "_maps_last", moves):
-        y = band_limited_quadratic(x32, coef.float(), dims, cdim, (1, 2))
-        (y * g.float()).sum().backward()
-    assert moves.call_count == 3       # x forward; g and x in backward
+    y = band_limited_quadratic(x32, coef.float(), dims, cdim, (1, 2))
+    (y * g.float()).sum().backward()
     assert y.is_contiguous() and relative_change(y.detach().double(), ref.detach()) < 1e-5
     assert relative_change(x32.grad.double(), ref_x.grad) < 1e-5

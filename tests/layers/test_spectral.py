@@ -1,23 +1,21 @@
 """Properties of the ideal filters and the band-limited shift (afconvert.layers.spectral)."""
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afconvert.layers.spectral import (
-    MATMUL_MAX_SIZE,
     fractional_shift,
     ideal_downsample,
     ideal_lowpass,
     ideal_resample,
     ideal_upsample,
-    resample_method,
     zero_nyquist,
 )
+from afconvert.settings import using
 
 sizes = st.integers(min_value=3, max_value=24)
 shifts = st.floats(min_value=-5, max_value=5, allow_nan=False).map(lambda v: round(v, 3))
@@ -169,32 +167,6 @@ def test_matmul_path_equals_fft_path(h, w, oh, ow, chans_last, dtype):
 
 
 @FAST
-@given(h=st.integers(1, 11), w=st.integers(1, 11), oh=st.integers(1, 11), ow=st.integers(1, 11),
-       dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_kronecker_product_path_equals_two_products(h, w, oh, ow, dtype):
-    """Small maps on the last two dims take one product with A_0 (x) A_1: the same operator as the two
-    products (forward, adjoint, low-pass) to float64 1e-12 / float32 1e-5, and the path is really taken."""
-    import afconvert.layers.spectral as spectral
-    x = _x(h, w, dtype=dtype, chans=3)
-    tol = (1e-12 if dtype is torch.float64 else 1e-5) * float(x.abs().max())
-
-    def run(limit):
-        old, spectral.KRON_MAX_SAMPLES = spectral.KRON_MAX_SAMPLES, limit
-        try:
-            spectral._MATRICES.clear()
-            out = (ideal_resample(x, (oh, ow), method="matmul"),
-                   spectral.resample_adjoint(x, (oh, ow), method="matmul"),
-                   ideal_lowpass(x, 0.5, method="matmul"))
-            return out, any(k[0] == "kron" for k in spectral._MATRICES)
-        finally:
-            spectral.KRON_MAX_SAMPLES = old
-    (kron, used), (two, unused) = run(121), run(0)
-    assert used and not unused
-    for a, b in zip(kron, two):
-        assert a.shape == b.shape and a.dtype == dtype and float((a - b).abs().max()) <= tol
-
-
-@FAST
 @given(h=sizes, w=sizes, cutoff=st.sampled_from([1.0, 0.75, 0.5, 1 / 3]),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_lowpass_matmul_equals_fft(h, w, cutoff, dtype):
@@ -223,24 +195,24 @@ def test_lowpass_matmul_gradient_equals_fft(h, w, cutoff, dtype):
 
 
 def test_method_choice_auto_and_forced():
-    """auto: float32 and float64 maps up to MATMUL_MAX_SIZE take the matmul form, larger ones the FFT form,
-    bit for bit; resample_method forces one form inside its block only; an unknown name is refused."""
+    """auto: float32 and float64 maps up to 512 px take the matmul form, larger ones the FFT form, bit for bit;
+    the ``resample`` setting forces one form inside its block only; an unknown name is refused."""
     x64 = _x(10, 14, seed=2)
     x32 = x64.float()
     assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="matmul"))
     assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
-    big = _x(4, MATMUL_MAX_SIZE + 1, seed=3)
+    big = _x(4, 513, seed=3)
     assert torch.equal(ideal_resample(big, (4, 300)), ideal_resample(big, (4, 300), method="fft"))
     assert torch.equal(zero_nyquist(x32), zero_nyquist(x32, method="matmul"))
-    with resample_method("matmul"):
+    with using(resample="matmul"):
         assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
         assert torch.equal(ideal_lowpass(x64, 0.5), ideal_lowpass(x64, 0.5, method="matmul"))
-    with resample_method("fft"):
+    with using(resample="fft"):
         assert torch.equal(ideal_resample(x32, (5, 21)), ideal_resample(x32, (5, 21), method="fft"))
         assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="fft"))
     assert torch.equal(ideal_resample(x64, (5, 21)), ideal_resample(x64, (5, 21), method="matmul"))
     with pytest.raises(ValueError, match="auto, fft, matmul"):
-        with resample_method("fast"):
+        with using(resample="fast"):
             pass
 
 
@@ -265,53 +237,6 @@ def test_matmul_path_is_alias_free_and_naive_resampling_is_not():
         > 1e-2 * float(x.abs().max())
 
 
-@FAST
-@given(h=st.integers(1, 40), w=st.integers(1, 40), oh=st.integers(1, 40), ow=st.integers(1, 40),
-       swapped_in=st.booleans(), swapped_out=st.booleans())
-@example(30, 33, 45, 29, False, False)
-@example(30, 33, 45, 29, False, True)
-@example(30, 33, 45, 29, True, False)
-@example(45, 28, 31, 40, True, True)
-@example(5, 6, 9, 8, True, True)
-@example(28, 28, 28, 28, False, False)
-def test_conv_products_equal_matmul_in_every_layout(h, w, oh, ow, swapped_in, swapped_out):
-    """On a CPU, float32 resampling runs its products as 1 x 1 convolutions (oneDNN) for small maps (one Kronecker
-    product) and large ones (two, with a transpose between; the path is really taken): the same operator as
-    torch.matmul's products (forward, adjoint, low-pass) to float32 rounding. ``transposed`` (in, out) reads and
-    writes the maps with their two dims swapped, on every path alike."""
-    from unittest import mock
-
-    import afconvert.layers.spectral as spectral
-    x = _x(h, w, dtype=torch.float32, chans=3)
-    tol = 1e-5 * float(x.abs().max())
-    layout = (swapped_in, swapped_out)
-    arg = x.transpose(-1, -2).contiguous() if swapped_in else x
-
-    def run(conv: bool):
-        old, spectral.CONV_PRODUCTS[0] = spectral.CONV_PRODUCTS[0], conv
-        calls, swaps = mock.Mock(wraps=spectral.F.conv2d), mock.Mock(wraps=spectral._swapped_products)
-        try:
-            with mock.patch.object(spectral.F, "conv2d", calls), mock.patch.object(spectral, "_swapped_products", swaps):
-                out = (ideal_resample(arg, (oh, ow), method="matmul", transposed=layout),
-                       spectral.resample_adjoint(arg, (oh, ow), method="matmul", transposed=layout),
-                       ideal_lowpass(x, 0.5, method="matmul"))
-            return out, calls.call_count, swaps.call_count
-        finally:
-            spectral.CONV_PRODUCTS[0] = old
-    (conv, used, swapped), (mm, unused, unswapped) = run(True), run(False)
-    def two_passes(n_in, n_out):   # the swapped products: resample and adjoint, low-pass
-        return not spectral._kron(n_in, n_out) and min(*n_in, *n_out) >= spectral.SWAP_MIN_SIZE
-    resampled = (h, w) != (oh, ow)     # else resampling returns x (or its swap) untouched
-    expected = 2 * (resampled and two_passes((h, w), (oh, ow))) + two_passes((h, w), (h, w))
-    assert used > 0 and unused == unswapped == 0 and swapped == expected
-    plain = (ideal_resample(x, (oh, ow), method="matmul"), spectral.resample_adjoint(x, (oh, ow), method="matmul"))
-    for a, b in zip(conv, mm):
-        assert a.shape == b.shape and float((a - b).abs().max()) <= tol
-    for a, b in zip(conv[:2], plain):
-        b = b.transpose(-1, -2) if swapped_out else b
-        assert a.shape == b.shape and float((a - b).abs().max()) <= tol
-
-
 @pytest.mark.parametrize("shape", [(0, 3, 30, 30), (2, 0, 30, 30), (0, 3, 5, 6)])
 def test_empty_batches_resample(shape):
     """No maps at all (an empty batch or no channels): an empty result of the right shape, as torch.matmul gives
@@ -320,12 +245,6 @@ def test_empty_batches_resample(shape):
     x = torch.randn(shape)
     assert ideal_resample(x, (45, 44)).shape == (*shape[:2], 45, 44)
     assert band_limited_square(x).shape == shape
-
-
-def test_transposed_layout_needs_the_last_two_dims():
-    x = _x(6, 5).movedim(1, -1)   # channels last: the maps on dims (1, 2)
-    with pytest.raises(ValueError, match="last two dims"):
-        ideal_resample(x, (9, 8), dims=(1, 2), transposed=(True, False))
 
 
 def test_conv_products_gradient_twice():
@@ -340,18 +259,3 @@ def test_conv_products_gradient_twice():
         grads.append((g.detach().double(), gg.double()))
     for a, b in zip(*grads):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
-
-
-@pytest.mark.parametrize("value,expected", [("matmul", "False"), ("fast", "unknown")])
-def test_products_chosen_by_the_environment(value, expected):
-    """AFCONVERT_PRODUCTS=matmul keeps torch.matmul for a whole process (e.g. on a CPU where MKL is the faster);
-    an unknown value is refused in one line that names the fix."""
-    import subprocess
-    import sys
-    env = {**os.environ, "AFCONVERT_PRODUCTS": value}
-    run = subprocess.run([sys.executable, "-c", "import afconvert.layers.spectral as s; print(s.CONV_PRODUCTS[0])"],
-                         env=env, capture_output=True, text=True)
-    out = run.stdout.strip() if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
-    assert expected in out and (run.returncode == 0) == (expected != "unknown"), out
-    if expected == "unknown":
-        assert "fix: onednn" in out

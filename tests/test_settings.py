@@ -1,0 +1,58 @@
+"""afconvert.settings: one home for the process-wide switches; the environment read when first used, a bad
+value refused in one line when used (not at import), setters and a context manager."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from afconvert import settings
+from afconvert.layers.spectral import ideal_resample
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in settings.ENVIRONMENT.values()}
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True)
+
+
+def test_the_environment_is_read_when_a_setting_is_first_used():
+    code = ("import afconvert.settings as s, afconvert.layers.spectral\n"
+            "print(s.resample_method(), s.products())")
+    run = _run(code, AFCONVERT_RESAMPLE="FFT", AFCONVERT_PRODUCTS="matmul")
+    assert run.returncode == 0 and run.stdout.split() == ["fft", "matmul"], run.stderr
+    assert _run(code).stdout.split() == ["auto", "auto"]
+
+
+def test_a_bad_environment_value_is_refused_in_one_line_when_used_not_at_import():
+    code = ("import torch, afconvert.layers.spectral as sp\nprint('imported', flush=True)\n"
+            "sp.ideal_resample(torch.randn(1, 1, 4, 4), (6, 6))")
+    run = _run(code, AFCONVERT_PRODUCTS="fast")
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and run.stdout.strip() == "imported"
+    assert "AFCONVERT_PRODUCTS='fast'" in last and "fix: one of auto, onednn, matmul" in last, last
+
+
+def test_setters_and_the_context_manager():
+    before = settings.products()
+    with settings.using(resample="fft", products="matmul"):
+        assert (settings.resample_method(), settings.products()) == ("fft", "matmul")
+        with settings.using(resample="matmul"):
+            assert settings.resample_method() == "matmul"
+        assert settings.resample_method() == "fft"
+    assert settings.products() == before
+    for bad in (lambda: settings.set_products("fast"), lambda: settings.using(resample="fast").__enter__()):
+        with pytest.raises(ValueError, match="unknown value 'fast'.*fix: one of"):
+            bad()
+    with pytest.raises(KeyError, match="unknown afconvert setting 'speed'"):
+        settings.get("speed")
+    assert settings.products() == before
+
+
+def test_the_resample_setting_chooses_the_form():
+    x = torch.randn(1, 2, 10, 14, dtype=torch.float64)
+    with settings.using(resample="fft"):
+        fft = ideal_resample(x, (5, 21))
+    assert torch.equal(fft, ideal_resample(x, (5, 21), method="fft"))
+    assert not torch.equal(fft, ideal_resample(x, (5, 21), method="matmul"))   # a different computation ...
+    assert torch.allclose(fft, ideal_resample(x, (5, 21), method="matmul"), atol=1e-12)   # ... of one map
