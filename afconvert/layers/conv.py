@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from afconvert.layers.graph_leaf import GraphLeaf
 from afconvert.layers.spectral import ideal_downsample, ideal_resample, zero_nyquist
 
 __all__ = ["circular_pad", "folded_kernel", "depthwise_taps", "CircularConv2d", "SampledConv2d", "AliasFreeConv2d",
@@ -99,7 +100,7 @@ def strided_output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[
                                                                                   dilation))
 
 
-class CircularConv2d(nn.Conv2d):
+class CircularConv2d(GraphLeaf, nn.Conv2d):
     """Stride-1 convolution with circular padding: exactly equivariant to circular shifts.
 
     ``pad`` = (left, right, top, bottom); by default the source layer's symmetric padding, or
@@ -249,7 +250,7 @@ class AliasFreeConv2d(SampledConv2d):
         return super().forward(x)
 
 
-class IdealDownsample2d(nn.Module):
+class IdealDownsample2d(GraphLeaf, nn.Module):
     """A strided conv's ideal down-sampling as a layer of its own: y = D_s(x) at the conv's output size
     (``strided_output_size`` of x's H, W). (N, C, H, W) -> (N, C, H', W').
 
@@ -309,7 +310,7 @@ def centered_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (rw // 2, rw - rw // 2, rh // 2, rh - rh // 2)
 
 
-class AliasFreeConvTranspose2d(nn.ConvTranspose2d):
+class AliasFreeConvTranspose2d(GraphLeaf, nn.ConvTranspose2d):
     """A strided transposed convolution made exactly shift-equivariant, with the same parameters.
 
     ``nn.ConvTranspose2d`` with stride s inserts s - 1 zeros between samples (Z_s) and convolves with w; the

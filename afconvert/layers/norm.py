@@ -14,12 +14,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from afconvert.layers.graph_leaf import GraphLeaf
 from afconvert.layers.spectral import promote_half
 
 __all__ = ["AliasFreeLayerNorm"]
 
 
-class AliasFreeLayerNorm(nn.Module):
+class AliasFreeLayerNorm(GraphLeaf, nn.Module):
     """LayerNorm with the mean over channels and the variance over channels and space.
 
     ``channel_dim``: where C sits (1 for NCHW, -1 for NHWC); ``spatial_dims``: H and W.

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from afconvert.layers.quadratic import band_limited_quadratic, channel_view, inband_scale, max_abs
+from afconvert.layers.graph_leaf import GraphLeaf
+from afconvert.layers.quadratic import band_limited_quadratic, channel_view, in_place, inband_scale, max_abs
 from afconvert.layers.spectral import as_dtype, ideal_lowpass, ideal_resample, ideal_upsample, promote_half
 
 __all__ = [
@@ -54,7 +55,7 @@ def fit_polynomial(fn: Callable[[torch.Tensor], torch.Tensor], degree: int = 2,
     return [float(v) for v in sol]
 
 
-class _InitialisedByConversion(nn.Module):
+class _InitialisedByConversion(GraphLeaf, nn.Module):
     """A layer that conversion adds: a checkpoint of the *source* model has none of its keys.
 
     Loading such a checkpoint (strict or not) keeps this layer's conversion-time values, so an
@@ -74,10 +75,10 @@ class _InitialisedByConversion(nn.Module):
 def _l4_with_scratch(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, scratch): the L4 scale s = r (mean((x / r)^4) + (eps / r)^4)^(1/4) of ``l4_scale``, r = max(max |x|,
     eps) a constant (no gradient): |x / r| <= 1, so nothing overflows float32 however large x is. ``scratch``:
-    when no gradient is recorded, a buffer of x's shape that the caller may overwrite, else None."""
+    when ``in_place()``, a buffer of x's shape that the caller may overwrite, else None."""
     n = math.prod([x.shape[d] for d in dims])
     r = max_abs(x, dims, eps)     # a constant (detached, not no_grad: graph capture then keeps one graph)
-    if torch.is_grad_enabled():
+    if not in_place():
         m4 = torch.linalg.vector_norm((x / r).square(), 2, dims, keepdim=True).square() / n
         scratch = None
     else:   # in place: the fourth power, then a plain sum (fast over strided dims too, e.g. NHWC)
@@ -251,7 +252,7 @@ class PolyActivation(_InitialisedByConversion):
                 s, scratch = _l4_with_scratch(x, dims, self.eps)
             coef = [c * s if k == 0 else c if k == 1 else c / s if k == 2 else c * s ** (1 - k)
                     for k, c in enumerate(coef)]
-        if torch.is_grad_enabled():
+        if not in_place():
             res = torch.addcmul(coef[-2], coef[-1], x)
             for c in reversed(coef[:-2]):
                 res = torch.addcmul(c, res, x)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afconvert.layers.conv import circular_pad
+from afconvert.layers.graph_leaf import GraphLeaf
 from afconvert.layers.spectral import ideal_downsample
 
 __all__ = ["SampledPool2d", "AliasFreePool2d", "BroadcastGlobalPool2d", "pool_output_size"]
@@ -36,7 +37,7 @@ def pool_output_size(n: int, kernel: int, stride: int, padding: int, dilation: i
     return max(out, 1)
 
 
-class SampledPool2d(nn.Module):
+class SampledPool2d(GraphLeaf, nn.Module):
     """A stride-s pool as its local operator at stride 1 on the circular map, then a down-sampler
     (``downsample``, in each subclass) to the source pool's output size. ``mode``: 'avg' (circular box
     filter), 'max' (circular max) or 'ideal' (no local operator). (N, C, H, W) -> (N, C, h, w).
@@ -99,7 +100,7 @@ class AliasFreePool2d(SampledPool2d):
         return ideal_downsample(y, self.stride, size=size)
 
 
-class BroadcastGlobalPool2d(nn.Module):
+class BroadcastGlobalPool2d(GraphLeaf, nn.Module):
     """The global average of each channel at every cell of a fixed ``output_size`` grid:
     (N, C, H, W) -> (N, C, h, w), y[n, c, i, j] = mean_{y, x} x[n, c, y, x].
 

@@ -72,12 +72,25 @@ def cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     are dropped."""
     mat = _CACHE.get(key)
     if mat is None:
-        mat = _CACHE[key] = build()
+        mat = _CACHE[key] = _untraced(build)
         while len(_CACHE) > CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]
     elif not torch.compiler.is_compiling():
         _CACHE[key] = _CACHE.pop(key)
     return mat
+
+
+def _untraced(build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """build() unseen by ``torch.jit.trace``: a traced graph holds the matrix as a constant, the same whether the
+    cache had it or not (as ``torch.nn.Module`` does for its hooks, through the tracer's own state)."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        return build()
+    torch._C._set_tracing_state(None)
+    try:
+        return build()
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def _real(x: torch.Tensor) -> torch.dtype:
@@ -124,7 +137,7 @@ def _last(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """X A^T along the last dim: (..., N) -> (..., n)."""
     if not _onednn(x):
         return torch.matmul(x, a.T)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
         return _ConvProduct.apply(x, a)
     return _conv_product(x, a)
 

@@ -38,8 +38,14 @@ import torch
 from afconvert.layers.products import along
 from afconvert.layers.spectral import ideal_resample, resample_adjoint, resample_through
 
-__all__ = ["band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
+__all__ = ["in_place", "band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
            "channel_view", "max_abs"]
+
+
+def in_place() -> bool:
+    """Whether a layer may overwrite its temporaries: no gradient recorded and no graph traced (a traced graph
+    must be the same with and without gradients, as ``torch.jit.trace`` checks)."""
+    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
@@ -64,7 +70,7 @@ def band_limited_square(x: torch.Tensor, dims: Sequence[int] = (-2, -1), method:
     ``method`` as there). Exactly the 2x form for any x. Same shape as x; with ``out`` = n, R_n B(x) from the
     grid M = N + ceil(n / 2) (n along ``dims``)."""
     _, m, o = _grid(x, dims, out)
-    square = torch.square if torch.is_grad_enabled() else torch.Tensor.square_
+    square = torch.Tensor.square_ if in_place() else torch.square
     return resample_through([(x, False)], m, square, o, dims, method)
 
 
@@ -159,9 +165,11 @@ def band_limited_quadratic(x: torch.Tensor, coef: torch.Tensor, spatial_dims: Se
     spatial_dims = tuple([d % x.ndim for d in spatial_dims])
     scale_dims = None if scale_dims is None else tuple([d % x.ndim for d in scale_dims])
     out = None if out is None or tuple(out) == tuple(x.shape[d] for d in spatial_dims) else tuple(out)
-    if torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad) and not torch.jit.is_tracing():
         return BandLimitedQuadratic.apply(x, coef, spatial_dims, channel_dim, scale_dims, eps, method, out)
     c0, c1, c2, b, _, _ = _terms(x, coef, spatial_dims, channel_dim, scale_dims, eps, method, out)
+    if not in_place():  # a traced graph: plain differentiable ops (TorchScript keeps no Python autograd Function)
+        return torch.addcmul(c0, c2, b).addcmul(c1, _linear(x, spatial_dims, out, method))
     return torch.addcmul(c0, c2, b, out=b).addcmul_(c1, _linear(x, spatial_dims, out, method))
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from afconvert.layers.graph_leaf import GraphLeaf
 from afconvert.layers.poly import PolyActivation
 from afconvert.layers.spectral import ideal_resample
 
@@ -31,7 +32,7 @@ def _share(cls, linear: nn.Linear, factor: int, spatial_dims: Sequence[int]):
     return new
 
 
-class UpsampledLinear(nn.Linear):
+class UpsampledLinear(GraphLeaf, nn.Linear):
     """y = W U_f(x) + b: ideal up-sampling by ``factor`` along ``spatial_dims``, then the linear map
     over the last (channel) dim. (..., H, W, C_in) -> (..., fH, fW, C_out)."""
 
@@ -47,7 +48,7 @@ class UpsampledLinear(nn.Linear):
         return super().extra_repr() + f", ideal_up={self.factor}, spatial_dims={self.spatial_dims}"
 
 
-class DownsampledLinear(nn.Linear):
+class DownsampledLinear(GraphLeaf, nn.Linear):
     """y = D_f(W x + b): the linear map, then ideal low-pass and down-sampling by ``factor``.
     (..., fH, fW, C_in) -> (..., H, W, C_out)."""
 
@@ -80,7 +81,7 @@ class HighRatePolyActivation(PolyActivation):
         return new.to(device=act.coef.device, dtype=act.coef.dtype).train(act.training)
 
 
-class IdealUpsample(nn.Module):
+class IdealUpsample(GraphLeaf, nn.Module):
     """Ideal (sinc) up-sampling by an integer ``factor`` of NCHW maps: replaces nearest/bilinear
     up-sampling, whose interpolation kernels leave spectral images of the signal (aliases)."""
 
@@ -95,7 +96,7 @@ class IdealUpsample(nn.Module):
         return f"factor={self.factor}"
 
 
-class IdealResize(nn.Module):
+class IdealResize(GraphLeaf, nn.Module):
     """Ideal (band-limited) resampling of NCHW maps to the size ``F.interpolate`` would give: ``size``, or
     floor(H s), floor(W s) for a ``scale_factor`` s. Replaces ``nn.Upsample`` / ``F.interpolate`` when the factor
     is not an integer or the size is given (also computed in the graph: an FPN's ``size=skip.shape[-2:]``).
