@@ -56,7 +56,7 @@ class Budget:
     probe: int = 2000       # images to fit the probe on, and to score it on
 
 
-FULL = Budget(labelled=10000, unlabelled=1024, test=10000, certify=500, steps=940, recover_steps=60)
+FULL = Budget(labelled=10000, unlabelled=1024, test=10000, certify=500, steps=300, recover_steps=60)
 QUICK = Budget(labelled=2000, unlabelled=512, test=1000, certify=50, steps=40, recover_steps=20, probe=1000)
 
 

@@ -120,8 +120,8 @@ def drop_nyquist(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tenso
 
 
 def max_abs(x: torch.Tensor, dims: Sequence[int], eps: float) -> torch.Tensor:
-    """max(max |x|, eps) over ``dims``, kept, without gradient (a constant); as max and -min (on a CPU 6-17x
-    faster than an inf-norm)."""
+    """max(max |x|, eps) over ``dims``, kept, without gradient (a constant); as max and -min (faster on a CPU
+    than an inf-norm)."""
     c = x.detach()
     return torch.maximum(c.amax(dims, keepdim=True), -c.amin(dims, keepdim=True)).clamp_min(eps)
 

@@ -49,7 +49,7 @@ class FinetuneConfig:
     model_ema: bool = _f(False, "keep timm's ModelEmaV3; final.pt is the EMA")
     model_ema_decay: float = _f(0.999)
     train_bn: bool = _f(True, "update BatchNorm statistics (the converted network's activations are not the "
-                        "source's: frozen, Fashion-MNIST lost 4.6 points)")
+                        "source's; docs/finetuning.md: what freezing them costs)")
     kd_temperature: float = _f(1.0, "distillation temperature", distill=True)
     task_loss_weight: float = _f(0.0, "cross-entropy on the data's labels, added to the distillation loss",
                                  distill=True)
