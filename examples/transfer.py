@@ -53,11 +53,14 @@ class Budget:
     certify: int            # test images the certified accuracies run on
     steps: int              # fine-tuning steps of 32 images, each row
     recover_steps: int      # Adam steps per block in recovery
+    distill_steps: int      # end-to-end steps in recovery
     probe: int = 2000       # images to fit the probe on, and to score it on
 
 
-FULL = Budget(labelled=10000, unlabelled=1024, test=10000, certify=500, steps=300, recover_steps=60)
-QUICK = Budget(labelled=2000, unlabelled=512, test=1000, certify=50, steps=40, recover_steps=20, probe=1000)
+FULL = Budget(labelled=10000, unlabelled=1024, test=10000, certify=500, steps=300, recover_steps=60,
+              distill_steps=150)
+QUICK = Budget(labelled=2000, unlabelled=512, test=1000, certify=50, steps=40, recover_steps=12, distill_steps=20,
+               probe=1000)
 
 
 def tensors(images: np.ndarray) -> torch.Tensor:
@@ -152,7 +155,7 @@ def main() -> None:
                                 calibration=fit[:256] if name == "b" else None)
         model, row = built.converted, {"recipe": recipe}
         if name == "b":
-            cfg = RecoverConfig(steps=budget.recover_steps, distill_steps=150 if budget is FULL else 30)
+            cfg = RecoverConfig(steps=budget.recover_steps, distill_steps=budget.distill_steps)
             result = recover(model, built.source.eval(), fit, held, cfg, state=out / "recovered.pt.partial")
             row["recovery"] = {"before": result["before"], "after": result["after"], "seconds": result["seconds"]}
             model.afconvert_report = afconvert.audit(model, input_size=SIZE)

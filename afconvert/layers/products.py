@@ -12,10 +12,10 @@ grid, combined pointwise, taken to the output. How is this module's business alo
   the last dim with a transpose between (the grid maps of ``through`` stay transposed: two copies fewer), the
   rest as two products, the dim that shrinks most first; channels-last maps moved to the last two dims for
   ``through`` where that is faster;
-* **memory**: large batches of maps are computed in slices (of the batch or the channels) so that no
-  intermediate is larger than ``SLICE_BYTES``: freed slices are reused by the C library's allocator at once,
-  where one large map would be mapped fresh from the system and zero-filled on every call, and a slice's
-  products stay in cache;
+* **memory**: large batches of maps are computed in slices (of all maps, the dims before the last two
+  flattened, or of the outermost dim) so that no intermediate is larger than ``SLICE_BYTES``: freed slices are
+  reused by the C library's allocator at once, where one large map would be mapped fresh from the system and
+  zero-filled on every call (no process-wide allocator setting needed), and a slice's products stay in cache;
 * **the matrix cache**: built matrices by key, least recently used evicted past ``CACHE_SIZE``.
 
 Every path computes the same operator; the tests compare each with the float64 definition.
