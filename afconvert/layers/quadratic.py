@@ -38,8 +38,8 @@ import torch
 from afconvert.layers.products import along
 from afconvert.layers.spectral import ideal_resample, resample_adjoint, resample_through
 
-__all__ = ["in_place", "band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic", "BandLimitedQuadratic",
-           "channel_view", "max_abs"]
+__all__ = ["in_place", "band_limited_square", "inband_scale", "drop_nyquist", "band_limited_quadratic",
+           "BandLimitedQuadratic", "channel_view", "max_abs"]
 
 
 def in_place() -> bool:

@@ -16,6 +16,10 @@ the bin k = N/2 is the *Nyquist bin*, which a real signal shares between +N/2 an
   the phase exp(-2 pi i k d / N), the Nyquist bin is multiplied by cos(pi d). It is exact and
   composes (shift(shift(x, a), b) == shift(x, a + b)) for signals whose Nyquist bins are zero;
   for integer d it equals ``torch.roll``.
+
+Each resampling and low-pass has two forms of one linear map: the FFT form, and the dense form A_0 X A_1^T
+with the 1-D matrices built here (``resample_matrix``, ``lowpass_matrix``) and multiplied by
+``afconvert.layers.products``, which alone decides how.
 """
 from __future__ import annotations
 
@@ -170,7 +174,10 @@ def resampling(n_in: Sequence[int], n_out: Sequence[int], dtype: torch.dtype, de
                               ("resample", n_in, n_out, dtype, device))
 
 
-def dense(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
+METHODS = settings.CHOICES["resample"]
+
+
+def _dense_form(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
     """Whether a resampling of x with ``method`` (None: the ``resample`` setting) over maps of ``sizes`` (in and
     out) takes the dense form; "auto" asks ``products.dense_preferred``."""
     method = settings.resample_method() if method is None else method
@@ -179,9 +186,6 @@ def dense(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bool:
     if method != "auto":
         return method == "matmul"
     return products.dense_preferred(x, sizes)
-
-
-METHODS = settings.CHOICES["resample"]
 
 
 def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
@@ -202,7 +206,7 @@ def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), 
     n_in, n_out = (x.shape[d0], x.shape[d1]), tuple([int(s) for s in size])
     if min(n_out) < 1:
         raise ValueError(f"resample size must be positive, got {n_out}")
-    matmul = dense(x, method, n_in + n_out)
+    matmul = _dense_form(x, method, n_in + n_out)
     if n_in == n_out:
         return x
     dtype, rdt = x.dtype, _real_dtype(x)
@@ -225,7 +229,7 @@ def resample_adjoint(g: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1)
     if n_in == n_out:
         return g
     rdt = _real_dtype(g)
-    if dense(g, method, n_in + n_out):
+    if _dense_form(g, method, n_in + n_out):
         return as_dtype(products.apply(g, resampling(n_in, n_out, rdt, g.device).T, (d0, d1)), g.dtype)
     shape = list(g.shape)
     shape[d0], shape[d1] = n_in
@@ -246,7 +250,7 @@ def resample_through(inputs: Sequence[tuple[torch.Tensor, bool]], grid: Sequence
     d0, d1 = _norm_dims(x0, dims)
     grid, size = tuple(int(v) for v in grid), tuple(int(v) for v in size)
     shapes = [(x.shape[d0], x.shape[d1]) for x, _ in inputs]
-    if not dense(x0, method, sum(shapes, grid + size)):
+    if not _dense_form(x0, method, sum(shapes, grid + size)):
         maps = [(resample_adjoint if adj else ideal_resample)(x, grid, (d0, d1), method) for x, adj in inputs]
         z = fn(*[v.clone() if v is x else v for v, (x, _) in zip(maps, inputs)])
         return resample_adjoint(z, size, (d0, d1), method) if adjoint else ideal_resample(z, size, (d0, d1), method)
@@ -312,10 +316,11 @@ def ideal_lowpass(x: torch.Tensor, cutoff: float, dims: Dims = (-2, -1), method:
     ``method`` as in ``ideal_resample`` (the matmul form: ``lowpass_matrix`` on each dim).
     """
     d0, d1 = _norm_dims(x, dims)
-    if dense(x, method, (x.shape[d0], x.shape[d1])):
+    if _dense_form(x, method, (x.shape[d0], x.shape[d1])):
         rdt, size, cutoff = _real_dtype(x), (x.shape[d0], x.shape[d1]), float(cutoff)
         op = products.Separable(lowpass_matrix(size[0], cutoff, rdt, x.device),
-                                lowpass_matrix(size[1], cutoff, rdt, x.device), ("lowpass", size, cutoff, rdt, x.device))
+                                lowpass_matrix(size[1], cutoff, rdt, x.device),
+                                ("lowpass", size, cutoff, rdt, x.device))
         return as_dtype(products.apply(x, op, (d0, d1)), x.dtype)
 
     return _separable_filter(x, dims, lambda axis, n, onesided, device, dtype:
