@@ -381,11 +381,16 @@ def setup(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig, lo
 
 def _reconstruct(run: _Run, log) -> None:
     """Block-wise reconstruction (rank 0), its weights broadcast to every process; checkpointed."""
+    wrapped = bool(blended(run.student))      # blocks are matched layer for layer: fitted unblended
+    if wrapped:
+        unblend(run.student)
     if run.rank == 0:
         from afconvert.train.reconstruct import reconstruct
         batches = _reconstruction_batches(run.images, run.cfg, run.device)
         reconstruct(run.student, run.teacher, batches, steps=run.cfg.reconstruct_steps, lr=run.cfg.reconstruct_lr,
                     log=log)
+    if wrapped:
+        blend(run.student, run.teacher)
     if run.world > 1:
         for t in run.student.state_dict().values():
             dist.broadcast(t, src=0)

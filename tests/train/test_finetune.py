@@ -81,7 +81,8 @@ def test_gradient_accumulation_equals_the_larger_batch(finetune_data, tmp_path):
 @pytest.mark.parametrize("extra", [
     dict(amp=True, amp_dtype="bfloat16", mixup=0.8, cutmix=1.0, task_loss_weight=0.5),
     dict(reconstruct=True, reconstruct_steps=3, reconstruct_batches=1, model_ema=True),
-], ids=["amp-mixup-task", "reconstruct-ema"])
+    dict(reconstruct=True, reconstruct_steps=3, reconstruct_batches=1, blend=0.5),
+], ids=["amp-mixup-task", "reconstruct-ema", "reconstruct-blend"])
 def test_options_train_and_keep_the_certificate(extra, finetune_data, tmp_path, one_thread):
     student, teacher = _pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}
