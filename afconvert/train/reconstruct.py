@@ -107,6 +107,11 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.
                 log(f"reconstruct {name}: skipped ({exc})")
                 continue
             unit = student.get_submodule(name)
+            with torch.no_grad():
+                shape = tuple(unit(*inputs[0]).shape)
+            if shape != tuple(targets[0].shape):     # e.g. a down-sampling the recipe moved to a later layer
+                log(f"reconstruct {name}: skipped (output {shape}, its source's {tuple(targets[0].shape)})")
+                continue
             params = [p for p in unit.parameters() if p.requires_grad]
             energy = [t.float().square().mean().clamp_min(1e-12) for t in targets]
 

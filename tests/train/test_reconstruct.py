@@ -70,3 +70,16 @@ def test_a_unit_called_twice_is_skipped_and_said():
     rows = reconstruct(student, teacher, [torch.randn(2, 2, 8, 8)], steps=20, lr=1e-2, log=logged.append)
     assert [r["unit"] for r in rows] == ["blocks.1"] and rows[0]["after"] < rows[0]["before"]
     assert any("blocks.0: skipped" in m and "called 2 times" in m for m in logged)
+
+
+def test_a_unit_whose_output_size_differs_from_its_source_is_skipped_and_said(one_thread):
+    """afc-fullband moves the stem's down-sampling after its activation: the stem conv and norm put out twice
+    the source's size. They are skipped with the sizes named; the blocks after them are fitted."""
+    import timm
+    source = calibrate_norms_(randomize_(timm.create_model("test_resnet", num_classes=5)), (28, 28))
+    student = afconvert.convert(source, recipe="afc-fullband", input_size=(28, 28), check_numerics=False)
+    logged = []
+    rows = reconstruct(student, source, [torch.randn(4, 3, 28, 28)], steps=2, log=logged.append)
+    skipped = [m for m in logged if "skipped (output" in m]
+    assert skipped and all("its source's" in m for m in skipped)
+    assert "fc" in [r["unit"] for r in rows]
