@@ -143,14 +143,15 @@ def _last(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def along(x: torch.Tensor, a: torch.Tensor, d: int) -> torch.Tensor:
-    """A (n, N) applied along dim d of x: (..., N, ...) -> (..., n, ...), one (batched) product over a view of x
+    """A (n, N) applied along dim d of x: (..., N, ...) -> (..., n, ...), one ``torch.matmul`` over a view of x
     as (P, N, Q) (no copy of a contiguous x)."""
     d = d % x.ndim
-    if d == x.ndim - 1:
-        return _last(x, a)
     shape = x.shape
     p, q = math.prod(shape[:d]), math.prod(shape[d + 1:])
-    y = torch.matmul(a, x.reshape(p, shape[d], q))
+    if q == 1:
+        y = torch.matmul(x.reshape(p, shape[d]), a.T)
+    else:
+        y = torch.matmul(a, x.reshape(p, shape[d], q))
     return y.view(*shape[:d], a.shape[0], *shape[d + 1:])
 
 
@@ -191,7 +192,7 @@ def _plain(x: torch.Tensor, op: Separable, d0: int, d1: int) -> torch.Tensor:
     a1_first = r1 < r0 if r0 != r1 else (d1 > d0 if r0 > 1 else d1 < d0)
     steps = ((op.a1, d1), (op.a0, d0)) if a1_first else ((op.a0, d0), (op.a1, d1))
     for a, d in steps:
-        x = along(x, a, d)
+        x = _last(x, a) if d == x.ndim - 1 else along(x, a, d)
     return x
 
 
