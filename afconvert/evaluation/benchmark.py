@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from afconvert import settings
+from afconvert.layers import products
 
 __all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting", "products_setting"]
 
@@ -117,10 +117,8 @@ def malloc_setting() -> str:
 
 
 def products_setting(device: str | torch.device = "cpu") -> str:
-    """What the float32 resampling products run as on ``device``: "oneDNN" (1x1 convolutions: a CPU, the
-    ``products`` setting not "matmul", PyTorch built with oneDNN) or "matmul"."""
-    onednn = settings.products() != "matmul" and torch.backends.mkldnn.is_available()
-    return "oneDNN" if torch.device(device).type == "cpu" and onednn else "matmul"
+    """What the float32 resampling products run as on ``device`` (``products.backend``)."""
+    return products.backend(device)
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from afconvert import settings
 
-__all__ = ["Separable", "cached", "dense_preferred", "apply", "through", "along"]
+__all__ = ["Separable", "cached", "dense_preferred", "backend", "apply", "through", "along"]
 
 DENSE_MAX_SIZE = 512        # "auto" resampling: maps up to this size (each dim, in and out) take the dense form
 KRON_MAX_SAMPLES = 128      # maps with at most this many samples (in and out) take one Kronecker product
@@ -106,11 +106,16 @@ def dense_preferred(x: torch.Tensor, sizes: Sequence[int]) -> bool:
     return dtype is torch.float64 or x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
 
 
+def backend(device: str | torch.device = "cpu") -> str:
+    """What float32 products run as on ``device``: "oneDNN" (1 x 1 convolutions: a CPU, the ``products`` setting
+    not "matmul", PyTorch built with oneDNN) or "matmul"."""
+    onednn = settings.products() != "matmul" and _ONEDNN_BUILT and torch.device(device).type == "cpu"
+    return "oneDNN" if onednn else "matmul"
+
+
 def _onednn(x: torch.Tensor) -> bool:
     """Whether x's products run as 1 x 1 convolutions (CPU, float32, the ``products`` setting)."""
-    choice = settings.products()
-    return choice != "matmul" and _ONEDNN_BUILT and x.device.type == "cpu" and x.dtype == torch.float32 and \
-        x.numel() > 0
+    return x.dtype == torch.float32 and x.numel() > 0 and backend(x.device) == "oneDNN"
 
 
 def _conv_product(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -270,8 +275,7 @@ def _on_grid(inputs, fn, back: Separable, dims: tuple[int, int]) -> torch.Tensor
 def _moves(x: torch.Tensor, inputs, back: Separable, dims: tuple[int, int]) -> bool:
     """Whether channels-last maps move to the last two dims for ``through`` (two copies of x's size, for the
     faster swapped products on the grid)."""
-    return min(x.shape[d] for d in dims) >= MOVE_MIN_SIZE and _onednn(x) and \
-        all(not _kron(op) and min(*op.size_in, *op.size_out) >= SWAP_MIN_SIZE for _, op in (*inputs, (x, back)))
+    return min(x.shape[d] for d in dims) >= MOVE_MIN_SIZE and all(_swaps(x, op) for _, op in (*inputs, (x, back)))
 
 
 def _capturing(x: torch.Tensor) -> bool:
