@@ -22,7 +22,7 @@ import contextlib
 import os
 from typing import Iterator
 
-__all__ = ["CHOICES", "ENVIRONMENT", "get", "set", "using", "resample_method", "set_resample_method",
+__all__ = ["SettingError", "CHOICES", "ENVIRONMENT", "get", "set", "using", "resample_method", "set_resample_method",
            "products", "set_products"]
 
 CHOICES = {"resample": ("auto", "fft", "matmul"), "products": ("auto", "onednn", "matmul")}
@@ -30,12 +30,16 @@ ENVIRONMENT = {"resample": "AFCONVERT_RESAMPLE", "products": "AFCONVERT_PRODUCTS
 _VALUES: dict[str, str] = {}        # the settings used or set so far; the others come from the environment
 
 
+class SettingError(ValueError):
+    """A setting's value (from the environment or a call) that is not one of its choices."""
+
+
 def _checked(name: str, value: str, origin: str) -> str:
     if name not in CHOICES:
         raise KeyError(f"unknown afconvert setting '{name}'; fix: one of {', '.join(CHOICES)}")
     value = str(value).strip().lower()
     if value not in CHOICES[name]:
-        raise ValueError(f"{origin}: unknown value '{value}' for afconvert's '{name}' setting; "
+        raise SettingError(f"{origin}: unknown value '{value}' for afconvert's '{name}' setting; "
                          f"fix: one of {', '.join(CHOICES[name])}")
     return value
 

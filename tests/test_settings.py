@@ -56,3 +56,11 @@ def test_the_resample_setting_chooses_the_form():
     assert torch.equal(fft, ideal_resample(x, (5, 21), method="fft"))
     assert not torch.equal(fft, ideal_resample(x, (5, 21), method="matmul"))   # a different computation ...
     assert torch.allclose(fft, ideal_resample(x, (5, 21), method="matmul"), atol=1e-12)   # ... of one map
+
+
+def test_a_bad_setting_reaches_the_command_line_as_itself():
+    """Not wrapped into another error (the converter's input-size check runs the model first)."""
+    run = _run("from afconvert.cli import main; raise SystemExit(main(['resnet18', '--no-pretrained', "
+               "'--input-size', '32', '32', '--out', '/dev/null']))", AFCONVERT_PRODUCTS="fast")
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "AFCONVERT_PRODUCTS='fast'" in last and "input size" not in last, last

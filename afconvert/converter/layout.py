@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from afconvert.settings import SettingError
+
 __all__ = ["Layout", "infer_layouts", "layout_of", "WrongInputSizeError"]
 
 
@@ -305,6 +307,8 @@ def infer_layouts(gm: fx.GraphModule, input_size: tuple[int, int], in_chans: int
         try:
             with torch.no_grad():
                 rec.run(x)
+        except SettingError:
+            raise               # a bad setting is its own one-line error, not a wrong input size
         except Exception as exc:
             if i == 0:
                 raise WrongInputSizeError(
