@@ -93,17 +93,13 @@ def _untraced(build: Callable[[], torch.Tensor]) -> torch.Tensor:
         torch._C._set_tracing_state(state)
 
 
-def _real(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def dense_preferred(x: torch.Tensor, sizes: Sequence[int]) -> bool:
-    """The ``auto`` resampling choice: the dense form for float32 / float64 maps up to ``DENSE_MAX_SIZE`` (sizes
-    in and out), the FFT form for larger ones, and on CUDA for float32 when its products may use TF32."""
-    dtype = _real(x)
+def dense_preferred(dtype: torch.dtype, device: torch.device, sizes: Sequence[int]) -> bool:
+    """The ``auto`` resampling choice for maps computed in ``dtype`` on ``device``: the dense form for float32 /
+    float64 maps up to ``DENSE_MAX_SIZE`` (sizes in and out), the FFT form for larger ones, and on CUDA for
+    float32 when its products may use TF32."""
     if dtype not in (torch.float32, torch.float64) or max(sizes) > DENSE_MAX_SIZE:
         return False
-    return dtype is torch.float64 or x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
+    return dtype is torch.float64 or device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
 
 
 def backend(device: str | torch.device = "cpu") -> str:

@@ -185,7 +185,7 @@ def _dense_form(x: torch.Tensor, method: str | None, sizes: Sequence[int]) -> bo
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
     if method != "auto":
         return method == "matmul"
-    return products.dense_preferred(x, sizes)
+    return products.dense_preferred(_real_dtype(x), x.device, sizes)
 
 
 def ideal_resample(x: torch.Tensor, size: Sequence[int], dims: Dims = (-2, -1), method: str | None = None
