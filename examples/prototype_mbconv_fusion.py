@@ -16,13 +16,14 @@ model does) against the fused form, in one process, and checks that both agree. 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import timm
 import torch
 import torch.nn.functional as F
 
-from afconvert.layers.quadratic import _grid, band_limited_square
+from afconvert.layers.quadratic import band_limited_square
 from afconvert.layers.spectral import ideal_resample
 
 
@@ -53,7 +54,7 @@ def square_expanded(z, weight, a, b):
 def square_fused(z, weight, a, b):
     """The fused form: the C input channels taken to the M grid, the expansion there, squared, back to N."""
     x_size = (z.shape[-2], z.shape[-1])
-    _, m, _ = _grid(z, (-2, -1))
+    m = tuple(n + math.ceil(n / 2) for n in x_size)          # the 3/2 grid, as band_limited_square takes
     u = F.conv2d(ideal_resample(z, m), weight)
     u = torch.addcmul(b[:, None, None], a[:, None, None], u).square_()
     return ideal_resample(u, x_size)
