@@ -21,7 +21,8 @@ import torch
 from afconvert import settings
 from afconvert.atomic import atomic_write
 from afconvert.converter.engine import convert
-from afconvert.evaluation.benchmark import AMP_DTYPES, compare, malloc_setting, products_setting
+from afconvert.evaluation.benchmark import AMP_DTYPES, compare, malloc_setting
+from afconvert.layers import products
 from afconvert.sources.models import create_source_model
 
 MODELS = ("convnext_tiny", "resnet50", "efficientnet_b0")
@@ -91,7 +92,7 @@ def main() -> None:
         print(" | ".join(cells), flush=True)
     how = f"{args.input_size} px, recipe afc{' ' + json.dumps(args.options) if args.options else ''}, resample {args.resample}" + (f", autocast {args.amp}" if amp else "") + \
         (", torch.compile" if args.compile else "") + \
-        f", products: {products_setting(args.device)}, malloc: {malloc_setting()}"
+        f", products: {products.backend(args.device)}, malloc: {malloc_setting()}"
     print(f"\n{machine(args.device)}; {how}\n")
     print(f"| model | conversion | inference, batch {args.batch_size} | train step, batch {args.train_batch_size} "
           f"| peak memory (train) |\n|---|---|---|---|---|")

@@ -40,6 +40,7 @@ from timm.data import create_transform
 import afconvert
 from afconvert.atomic import atomic_write
 from afconvert.data import data_config, find_images, open_image
+from afconvert.sources.pipeline import convert_source
 from afconvert.train.distill import agreement
 from afconvert.train.finetune import FinetuneConfig, finetune
 from afconvert.train.recover import RecoverConfig, recover
@@ -174,23 +175,24 @@ def main() -> None:
     crops = torch.stack([fit_crop(pooled(i)) for i in range(args.crops + 64)])
     crops, crops_held = crops[:args.crops], crops[args.crops:]
     rows = []
+    with torch.no_grad():
+        reference = {what: teacher(x) for what, x in measured.items()}
 
     @torch.no_grad()
     def measure(stage: str, model) -> None:
         model.eval()
-        row = {"stage": stage}
+        row = {"stage": stage, "finite": True}
         for what, x in measured.items():
             logits = model(x)
-            row[what] = float(agreement(logits, teacher(x)).float().mean()) if len(x) else float("nan")
-            row["finite"] = row.get("finite", True) and bool(torch.isfinite(logits).all())
+            row[what] = float(agreement(logits, reference[what]).float().mean()) if len(x) else float("nan")
+            row["finite"] &= bool(torch.isfinite(logits).all())
         rows.append({**row, "seconds": time.perf_counter() - t0})
         print(f"{stage:<42} top-1 agreement: " + ", ".join(f"{k} {row[k]:.3f}" for k in measured) +
               f"   ({rows[-1]['seconds']:.0f} s)", flush=True)
 
-    measure("original (itself)", teacher)
     measure("(0) converted (afc)", plain.converted)
     afconvert.save(plain.converted, out / "converted.pt")
-    student = afconvert.build("efficientnet_lite0", input_size=(224, 224), calibration=crops[:256]).converted
+    student = convert_source(teacher, plain.spec, "afc", (224, 224), calibration=crops[:256])
     measure("(1) + activations fitted", student)
     result = recover(student, teacher, crops, crops_held, RecoverConfig(steps=args.steps, distill_steps=args.distill_steps,
                      reconstruct_images=min(1024, args.crops), seed=args.seed), state=out / "recovered.pt.partial")
@@ -207,8 +209,7 @@ def main() -> None:
     report = afconvert.audit(student, input_size=(224, 224))
     student.afconvert_report = report
     afconvert.save(student, out / "final.pt")
-    with torch.no_grad():
-        labels = teacher(held).argmax(1).tolist()
+    labels = reference["unseen photos"].argmax(1).tolist()
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     for i, (x, label) in enumerate(zip(held, labels)):
         (out / "heldout" / str(label)).mkdir(parents=True, exist_ok=True)

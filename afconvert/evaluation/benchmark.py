@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from afconvert.layers import products
 
-__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting", "products_setting"]
+__all__ = ["AMP_DTYPES", "Measurement", "measure", "compare", "profile_table", "malloc_setting"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # the autocast choices of the cost commands
 
@@ -106,7 +106,7 @@ def compare(source: nn.Module, converted: nn.Module, batch_size: int = 8, input_
             "mode": "train step" if train else "inference", "batch_size": batch_size,
             "input_size": list(input_size), "device": str(dev), "threads": torch.get_num_threads(),
             "compiled": compile, "amp": None if amp is None else str(amp).removeprefix("torch."),
-            "malloc": malloc_setting(), "products": products_setting(dev)}
+            "malloc": malloc_setting(), "products": products.backend(dev)}
 
 
 def malloc_setting() -> str:
@@ -114,11 +114,6 @@ def malloc_setting() -> str:
     PyTorch's CPU tuning guide advises) by its file name, else "system"."""
     preload = [p.rsplit("/", 1)[-1] for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
     return ", ".join(preload) or "system"
-
-
-def products_setting(device: str | torch.device = "cpu") -> str:
-    """What the float32 resampling products run as on ``device`` (``products.backend``)."""
-    return products.backend(device)
 
 
 def profile_table(model: nn.Module, batch_size: int = 8, input_size: Sequence[int] = (224, 224), device: str = "cpu",
