@@ -39,7 +39,7 @@ from timm.data import create_transform
 
 import afconvert
 from afconvert.atomic import atomic_write
-from afconvert.data import data_config, find_images, open_image
+from afconvert.data import DataError, data_config, find_images, open_image
 from afconvert.sources.pipeline import convert_source
 from afconvert.train.distill import agreement
 from afconvert.train.finetune import FinetuneConfig, finetune
@@ -129,7 +129,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out, t0 = Path(args.out), time.perf_counter()
-    found = photos(args.photos)
+    try:
+        found = photos(args.photos)
+    except DataError as exc:       # an --photos folder without images
+        p.error(str(exc))
     names = list(found)
     held_names = names[3::4]
     train_names = [n for n in names if n not in held_names]
