@@ -40,6 +40,7 @@ def test_recover_a_name_on_an_unlabelled_folder(unlabelled, tmp_path, capsys):
     cos = [float(v) for v in line.split("feature cosine ")[1].split(",")[0].split(" -> ")]
     assert cos[1] > cos[0], line
     assert "verdict: certified" in io.out and "16 images to fit on, 8 held out; activations fitted on 8" in io.out
+    assert "BatchNorm layers given the statistics of their inputs" in io.err
     model = afconvert.load(tmp_path / "r.pt")
     assert afconvert.audit(model, input_size=(32, 32)).certified
     assert not (tmp_path / "r.pt.partial").exists()
