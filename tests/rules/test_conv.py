@@ -1,6 +1,8 @@
 """The conv rules' down-sampling deferral (afconvert.rules.conv, ``defer``): a strided conv's ideal down-sampling
 moves past the BatchNorm and activation after it. The model stays exactly alias-free, the activation reads the
 conv's full band (the input's fine detail reaches the logits), and a checkpoint rebuilds it exactly."""
+import functools
+
 import pytest
 import timm
 import torch
@@ -16,7 +18,9 @@ from afconvert.layers.spectral import ideal_lowpass
 SHIFTS = INTEGER + FRACTIONAL
 
 
+@functools.cache
 def _resnet(defer: str, double: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(source, converted), built once per setting: the tests that share them only read them."""
     source = randomize_(timm.create_model("resnet18", num_classes=5)).eval()
     source = source.double() if double else source
     return source, afconvert.convert(source, input_size=(32, 32), options={"conv": {"defer": defer}}).eval()
