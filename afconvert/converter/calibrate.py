@@ -35,6 +35,14 @@ def calibration_batches(data: torch.Tensor | None, input_size: Sequence[int], in
     return [random_input(batch_size, in_chans, input_size, seed=100 + i) for i in range(batches)]
 
 
+def _feed(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Run every batch through ``model``, moved to the device and floating dtype of its parameters."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for x in batches:
+        model(x.to(device=device, dtype=dtype))
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace every BatchNorm's running mean/var by their average over ``batches`` (cumulative, not
@@ -50,11 +58,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
-        for x in batches:
-            model(x.to(device=device, dtype=dtype))
+        _feed(model, batches)
     finally:
         for bn in bns:
             bn.momentum = momenta[bn]
@@ -86,12 +91,9 @@ def match_batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]
 
     modes = {m: m.training for m in model.modules()}
     handles = [bn.register_forward_pre_hook(measure) for bn in bns]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     model.eval()
     try:
-        for x in batches:
-            model(x.to(device=device, dtype=dtype))
+        _feed(model, batches)
     finally:
         for h in handles:
             h.remove()
