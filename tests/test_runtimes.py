@@ -1,13 +1,13 @@
 """Every deployment runtime takes a converted model, over three families (timm's tiny test ResNet, EfficientNet
 and ConvNeXt): ``torch.jit.trace`` + save / load (TorchScript: Triton's PyTorch backend, TorchServe),
-``torch.export``, ONNX, and torchvision's ``create_feature_extractor``; ``torch.jit.script`` is refused in one
-line that names the runtimes that work."""
+``torch.export`` and torchvision's ``create_feature_extractor``; ``torch.jit.script`` is refused in one line that
+names the runtimes that work. ONNX, over the same three families: tests/cli/test_export.py (through
+``afconvert export``)."""
 import pytest
 import torch
 
 import afconvert
 from afconvert.converter.certify import relative_change
-from afconvert.export import export_onnx
 from afconvert.layers.spectral import fractional_shift
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")   # a trace is of one input size
@@ -76,9 +76,3 @@ def test_feature_extractor_gives_the_layers_outputs(pair, one_thread):
         out = create_feature_extractor(converted, {inner: "inner", nodes[-1]: "logits"})(x)
     assert torch.equal(out["logits"], ref) and torch.equal(out["inner"], seen["inner"])
 
-
-def test_onnx_matches_pytorch(pair, tmp_path, one_thread, onnx_tools):
-    """The ONNX file (static batch: the faster export) runs in onnxruntime and gives the PyTorch logits."""
-    _, converted, _ = pair
-    res = export_onnx(converted, tmp_path / "m.onnx", SIZE, batch_size=2)
-    assert res.max_rel_error < 1e-4, res
