@@ -71,6 +71,9 @@ def data(tmp_path_factory):
     return root
 
 
+RUN_MODEL = "test_resnet"       # timm's tiny ResNet for fine-tuning runs: the runs, not the network, are tested
+
+
 def _cfg(data, out, **kw):
     return FinetuneConfig(data=str(data), output=str(out), steps=4, batch_size=4, input_size=(32, 32),
                           progress=False, auto_augment=None, lr=1e-3, blend=0.5, checkpoint_every=1,
@@ -79,7 +82,7 @@ def _cfg(data, out, **kw):
 
 @pytest.mark.parametrize("order", ["all", "progressive"])
 def test_a_blend_run_says_it_is_not_alias_free_then_ends_certified(order, data, tmp_path):
-    student, source = _pair("test_resnet")     # timm's tiny ResNet: the runs, not the network, are tested
+    student, source = _pair(RUN_MODEL)
     logged = []
     summary = finetune(student, source, _cfg(data, tmp_path / "run", blend_order=order), log=logged.append)
     assert any("NOT alias-free" in m for m in logged) and any("blend done at step 2" in m for m in logged)
@@ -95,7 +98,7 @@ def test_a_blend_run_says_it_is_not_alias_free_then_ends_certified(order, data, 
 
 
 def test_a_blend_run_killed_mid_blend_resumes_to_the_same_weights(data, tmp_path):
-    student, source = _pair("test_resnet")     # timm's tiny ResNet: the runs, not the network, are tested
+    student, source = _pair(RUN_MODEL)
     finetune(copy.deepcopy(student), source, _cfg(data, tmp_path / "whole"), log=lambda m: None)
     handle = register_step_hook(kill_after(1, hard=False))
     try:
@@ -110,7 +113,7 @@ def test_a_blend_run_killed_mid_blend_resumes_to_the_same_weights(data, tmp_path
 
 
 def test_blend_needs_a_teacher_and_a_fraction(data, tmp_path):
-    student, source = _pair("test_resnet")     # timm's tiny ResNet: the runs, not the network, are tested
+    student, source = _pair(RUN_MODEL)
     with pytest.raises(ValueError, match="--blend start from a teacher"):
         finetune(student, None, _cfg(data, tmp_path / "a"), log=lambda m: None)
     with pytest.raises(ValueError, match="fix: a fraction"):
