@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="afconvert recover",
         description="Convert a model (or take a converted checkpoint) and fit it back to its source on unlabelled "
                     "images of your domain: its activations fitted per channel, then block by block, then end to "
-                    "end on the pre-logit features and logits. Prints fidelity to the source (feature cosine, top-1 "
+                    "end on the pre-logit features and logits; its BatchNorms then take the statistics of their "
+                    "inputs (the same function, so fine-tuning in training mode starts from it). Prints fidelity to the source (feature cosine, top-1 "
                     "agreement) on images of the folder it did not fit on, before and after, and writes the "
                     "certified result. Started again with the same --out after an interruption, it resumes.")
     add_model_arguments(p)
